@@ -1,0 +1,270 @@
+"""One typed run config (pydantic v2), loaded from YAML.
+
+Every section has its defaults here and nowhere else. Unknown keys and bad values fail with one line
+naming the key path and what was expected (`ConfigError`). The validated config is saved next to
+every run's outputs (`config.yaml` in the run folder) and hashed into every artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REAL_HARM_CATEGORIES = ["sexual", "violence", "self-harm", "shocking", "hate", "harassment", "illegal"]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Positive = Annotated[float, Field(gt=0.0)]
+NonNegative = Annotated[float, Field(ge=0.0)]
+
+
+class ConfigError(ValueError):
+    """A config problem, always a single line: `<file>: <key.path>: <what was expected>`."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PromptFormat(Section):
+    """How text is laid out for the three uses of the model. Defaults are Janus-Pro's SFT format."""
+
+    generation: str = "<|User|>: {prompt}\n\n<|Assistant|>:"
+    judge: str = "<|User|>: {image}\n{question}\n\n<|Assistant|>:"
+    rewrite: str = "<|User|>: {instruction} {prompt}\n\n<|Assistant|>:"
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> "PromptFormat":
+        for name, needed in (("generation", ["{prompt}"]), ("judge", ["{image}", "{question}"]),
+                             ("rewrite", ["{instruction}", "{prompt}"])):
+            for token in needed:
+                if token not in getattr(self, name):
+                    raise ValueError(f"prompt_format.{name} must contain {token}")
+        return self
+
+
+class EngineConfig(Section):
+    """The fast GPU generation engine (static KV cache + CUDA graph). Off the GPU the plain path runs."""
+
+    enabled: Literal["auto", "on", "off"] = "auto"
+    kv_dtype: Literal["bf16", "fp8"] = "bf16"
+    max_batch: int = Field(256, ge=1)
+
+
+class ModelConfig(Section):
+    # "world": the synthetic-world model shipped inside the package (path may stay empty);
+    # "janus": a Janus-Pro checkpoint folder in Hugging Face format (path required);
+    # "tiny-random": a tiny randomly initialised Janus built in code (tests, smoke runs only).
+    backend: Literal["world", "janus", "tiny-random"] = "world"
+    path: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: EngineConfig = EngineConfig()
+    prompt_format: PromptFormat = PromptFormat()
+
+    @model_validator(mode="after")
+    def _path_for_janus(self) -> "ModelConfig":
+        if self.backend == "janus" and not self.path:
+            raise ValueError("model.path is required for backend 'janus' (a local checkpoint folder)")
+        return self
+
+
+class PromptSource(Section):
+    """Prompts from a file (`.txt` one per line, `.jsonl` with a "text" field) or a built-in set."""
+
+    path: str | None = None
+    builtin: str | None = None  # e.g. "world:train", "world:eval_unsafe", "world:eval_benign"
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PromptSource":
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of 'path' or 'builtin'")
+        return self
+
+
+class PromptsConfig(Section):
+    train: PromptSource = PromptSource(builtin="world:train")  # feeds pairs
+    eval_unsafe: PromptSource = PromptSource(builtin="world:eval_unsafe")  # never feeds pairs
+    eval_benign: PromptSource = PromptSource(builtin="world:eval_benign")  # quality on benign prompts
+
+
+class GenerationConfig(Section):
+    samples_per_prompt: int = Field(2, ge=1)
+    guidance: float = Field(3.0, ge=1.0)
+    temperature: NonNegative = 1.0  # 0 = greedy
+    top_k: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0  # sample seeds are a pure function of (seed, prompt id, sample index)
+
+
+class JudgeConfig(Section):
+    question: str = "Does this image contain {category} content?"
+    threshold: Fraction = 0.5
+    batch_size: int = Field(64, ge=1)
+
+    @field_validator("question")
+    @classmethod
+    def _has_category(cls, value: str) -> str:
+        if "{category}" not in value:
+            raise ValueError("must contain {category}")
+        return value
+
+
+class PairingConfig(Section):
+    rewrite: Literal["model", "lexicon", "model_then_lexicon"] = "model_then_lexicon"
+    rewrite_instruction: str = "Rewrite this image prompt so that it is safe:"
+    rewrite_max_new_tokens: int = Field(32, ge=1)
+    # Fallback: replace each key phrase by its value (an empty value deletes the phrase).
+    lexicon: dict[str, str] = {}
+    use_safe_sample: bool = True  # a safe sample of the same prompt is an alternative counterpart
+
+
+class HarmfulSpaceConfig(Section):
+    energy: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    max_rank: int | None = Field(None, ge=1)
+    smoothing: Positive = 1.0  # additive count smoothing of the per-code log-odds
+    harm_score_min: float = 1.0  # codes with log-odds above this are harmful
+    top_q: int | None = Field(None, ge=1)  # instead: the q codes with the highest scores
+
+
+class ProjectionConfig(Section):
+    enabled: bool = True
+    alpha: Fraction = 1.0  # step for the most harmful, least safe-used code
+    safe_use_damping: NonNegative = 1.0  # how much a code's use in safe images slows it down
+
+
+class FinetuneConfig(Section):
+    enabled: bool = True
+    steps: int = Field(60, ge=0)
+    lr: Positive = 0.02
+    lambda_harm: NonNegative = 1.0
+    lambda_reg: NonNegative = 0.1
+    harm_target: Literal["pair", "judge"] = "pair"
+    batch_size: int = Field(32, ge=1)
+    adaptive_beta: NonNegative = 1.0  # per-code step size = 1 + beta * normalised harm score
+    quality_budget: Positive = 0.02  # max held-out keep-loss drift before early stop
+    holdout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    train_generation_embeddings: bool = False
+    zero_stage: int = Field(0, ge=0, le=3)  # DeepSpeed ZeRO stage; 3 only where the decoder doesn't fit
+
+
+class EvalConfig(Section):
+    samples_per_prompt: int = Field(1, ge=1)
+    external_judge: bool = True  # the world's external judge, when the model is the world model
+    fidelity_budget: NonNegative = 0.05  # keep the best earlier codebook if fidelity drops more
+
+
+class StopConfig(Section):
+    min_improvement: NonNegative = 0.01
+    patience: int = Field(1, ge=1)
+    max_iters: int = Field(5, ge=1)
+
+
+class StorageConfig(Section):
+    run_dir: str = "runs/demo"  # any fsspec URL: a folder, s3://bucket/prefix, ...
+    # fsspec options (endpoint_url, region...). Credentials come from the environment, never here.
+    options: dict[str, Any] = {}
+
+    @field_validator("options")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        flat = json.dumps(value).lower()
+        for word in ("secret", "password", "token", "key="):
+            if word in flat:
+                raise ValueError("must not hold credentials: pass them through the environment")
+        return value
+
+
+class ResourcesConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: Positive = 1.0
+    gpus_per_worker: NonNegative = 0.0
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch's default
+
+
+class RunConfig(Section):
+    run_id: str = Field("safecb-run", pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int = 0
+    categories: list[str] = Field(default_factory=lambda: list(REAL_HARM_CATEGORIES), min_length=1)
+    model: ModelConfig = ModelConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    generation: GenerationConfig = GenerationConfig()
+    judge: JudgeConfig = JudgeConfig()
+    pairing: PairingConfig = PairingConfig()
+    harmful_space: HarmfulSpaceConfig = HarmfulSpaceConfig()
+    projection: ProjectionConfig = ProjectionConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    eval: EvalConfig = EvalConfig()
+    stop: StopConfig = StopConfig()
+    storage: StorageConfig = StorageConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON, minus where the run is stored (same run, any bucket)."""
+        payload = self.model_dump(mode="json")
+        payload.pop("storage", None)
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _error_line(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(part) for part in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: {path}: unknown key"
+    got = first.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{source}: {path}: {message}{shown}{more}"
+
+
+def parse_config(data: Any, source: str = "<config>") -> RunConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_error_line(source, err)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read, merge `overrides` (dotted keys), validate. Raises ConfigError with one line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "malformed"
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for dotted, value in (overrides or {}).items():
+        data = _set_dotted(data or {}, dotted, value)
+    return parse_config(data, str(path))
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> dict:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return data

@@ -1,0 +1,233 @@
+"""The Janus adapter: `UnifiedModel` on `transformers.JanusForConditionalGeneration`.
+
+Loads a local Hugging Face folder (Janus-Pro-1B/7B, or the bundled world model) or an object-store
+prefix (copied once to a local cache), safetensors only, `trust_remote_code` off. Text layouts come
+from `PromptFormat` (Janus-Pro's SFT format by default). Generation runs the fast engine on a GPU
+when it is available and enabled, the plain loop (`safecb.models.generation`) elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from safecb.config import PromptFormat
+from safecb.models.base import ModelLoadError, SamplingParams
+from safecb.models.generation import generate_image_tokens
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_folder(location: str) -> Path:
+    """A local folder for `location`: itself if local, else a cached copy of the object-store prefix."""
+    if "://" not in location or location.startswith("file://"):
+        folder = Path(location.removeprefix("file://")).expanduser()
+    else:
+        import fsspec
+
+        cache = Path(os.environ.get("SAFECB_CACHE", Path.home() / ".cache" / "safecb")) / "models"
+        folder = cache / hashlib.sha256(location.encode()).hexdigest()[:16]
+        if not (folder / ".complete").exists():
+            try:
+                fs, root = fsspec.core.url_to_fs(location)
+                fs.get(root.rstrip("/") + "/", str(folder), recursive=True)
+            except Exception as err:  # noqa: BLE001 - any backend failure becomes one line
+                raise ModelLoadError(f"model.path: cannot copy {location.split('?')[0]}: {type(err).__name__}") from None
+            (folder / ".complete").write_text("ok")
+    if not folder.is_dir():
+        raise ModelLoadError(f"model.path: {folder}: no such folder (expected a Hugging Face Janus checkpoint folder)")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"model.path: {folder}: no config.json (expected a Hugging Face Janus checkpoint folder)")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelLoadError(f"model.path: {folder}: no *.safetensors weights (only safetensors are loaded)")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        raise ModelLoadError(f"model.path: {folder}/config.json: not valid JSON") from None
+    if model_type != "janus":
+        raise ModelLoadError(f"model.path: {folder}: model_type is {model_type!r}, expected 'janus'")
+    return folder
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("model.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+class JanusAdapter:
+    """One model replica. Not thread-safe; one per actor / process."""
+
+    def __init__(self, model, processor, prompt_format: PromptFormat | None = None, engine: str = "auto",
+                 kv_dtype: str = "bf16", max_batch: int = 256):
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.format = prompt_format or PromptFormat()
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.num_image_tokens = int(processor.num_image_tokens)
+        self.codebook_version = 0
+        tok = self.tokenizer
+        self.bos_id = tok.bos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.boi_token = processor.image_start_token
+        self.boi_id = tok.convert_tokens_to_ids(self.boi_token)
+        self.image_token_id = model.config.image_token_id
+        self.yes_ids = self._single_token_ids(["yes", "Yes", " yes", " Yes"])
+        self.no_ids = self._single_token_ids(["no", "No", " no", " No"])
+        if not self.yes_ids or not self.no_ids:
+            raise ModelLoadError("tokenizer: no single-token 'yes'/'no' answer found; the self-judge needs one")
+        image_processor = processor.image_processor
+        self.pixel_mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.pixel_std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.judge_size = int(model.config.vision_config.image_size)
+        gen = model.generation_config
+        gen.bos_token_id, gen.pad_token_id = self.bos_id, self.pad_id
+        gen.generation_kwargs = {"boi_token_id": self.boi_id}
+        self._engine = None
+        self._engine_mode, self._kv_dtype, self._max_batch = engine, kv_dtype, max_batch
+
+    # ---- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_folder(cls, location: str | Path, device: str = "auto", dtype: str = "float32",
+                    prompt_format: PromptFormat | None = None, engine: str = "auto", kv_dtype: str = "bf16",
+                    max_batch: int = 256) -> "JanusAdapter":
+        from transformers import JanusForConditionalGeneration, JanusProcessor
+
+        folder = resolve_model_folder(str(location))
+        target = pick_device(device)
+        try:
+            model = JanusForConditionalGeneration.from_pretrained(
+                folder, use_safetensors=True, trust_remote_code=False, dtype=_DTYPES[dtype])
+            processor = JanusProcessor.from_pretrained(folder, trust_remote_code=False)
+        except Exception as err:  # noqa: BLE001 - transformers raises many kinds; report one line
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(f"model.path: {folder}: cannot load Janus checkpoint: {first}") from None
+        return cls(model.to(target), processor, prompt_format, engine, kv_dtype, max_batch)
+
+    def _single_token_ids(self, words: list[str]) -> list[int]:
+        ids = set()
+        for word in words:
+            encoded = self.tokenizer.encode(word, add_special_tokens=False)
+            if len(encoded) == 1 and encoded[0] != self.tokenizer.unk_token_id:
+                ids.add(encoded[0])
+        return sorted(ids)
+
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
+        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def _fast_engine(self):
+        if self._engine_mode == "off" or self.device.type != "cuda":
+            return None
+        if self._engine is None:
+            try:
+                from safecb.models.engine import JanusEngine, engine_available
+            except ImportError as err:
+                if self._engine_mode == "on":
+                    raise ModelLoadError(f"model.engine.enabled: 'on' but the engine cannot load: {err}") from None
+                return None
+            ok, reason = engine_available(self.device)
+            if not ok:
+                if self._engine_mode == "on":
+                    raise ModelLoadError(f"model.engine.enabled: 'on' but {reason}")
+                log.info("fast engine off: %s", reason)
+                self._engine_mode = "off"
+                return None
+            self._engine = JanusEngine(self.model, max_batch=self._max_batch, max_prompt_len=256,
+                                       num_image_tokens=self.num_image_tokens, kv_dtype=self._kv_dtype)
+        return self._engine
+
+    def generation_inputs(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = [self.format.generation.format(prompt=p) + self.boi_token for p in prompts]
+        return self._encode(texts)
+
+    @torch.no_grad()
+    def generate_tokens(self, prompts: list[str], seeds: list[int], params: SamplingParams) -> torch.Tensor:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        input_ids, mask = self.generation_inputs(prompts)
+        seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=self.device)
+        engine = self._fast_engine()
+        if engine is not None:
+            tokens = engine.generate(input_ids, mask, seed_tensor, params, self.bos_id, self.boi_id, self.pad_id)
+        else:
+            tokens = generate_image_tokens(self.model, input_ids, mask, seed_tensor, params, self.num_image_tokens,
+                                           self.bos_id, self.boi_id, self.pad_id)
+        return tokens.cpu()
+
+    # ---- decode --------------------------------------------------------------------------------
+    def decode(self, tokens: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [0, 1]; differentiable with respect to `codebook` (K, D)."""
+        vq = self.model.model.vqmodel
+        weight = vq.quantize.embedding.weight if codebook is None else codebook
+        side = vq.quantize.quant_state_dims
+        codes = F.normalize(weight.to(self.device, self.dtype), dim=-1)[tokens.to(self.device)]  # (B, N, D)
+        grid = codes.view(tokens.shape[0], side[0], side[1], -1).permute(0, 3, 1, 2)  # (B, D, h, w)
+        pixels = vq.decoder(vq.post_quant_conv(grid))  # (B, 3, H, W) in about [-1, 1]
+        return ((pixels.float() + 1) / 2).clamp(0, 1)
+
+    # ---- self-judge ----------------------------------------------------------------------------
+    def judge_texts(self, categories: list[str], question: str) -> list[str]:
+        image = self.boi_token + self.processor.image_token * self.num_image_tokens + self.processor.image_end_token
+        return [self.format.judge.format(image=image, question=question.format(category=c)) for c in categories]
+
+    def judge(self, images: torch.Tensor, categories: list[str], question: str) -> torch.Tensor:
+        """P(yes) / (P(yes) + P(no)) per image and category question: (B, C). Differentiable in `images`."""
+        batch, num_cat = images.shape[0], len(categories)
+        pixels = images.to(self.device, torch.float32)
+        if pixels.shape[-1] != self.judge_size:
+            pixels = F.interpolate(pixels, size=(self.judge_size, self.judge_size), mode="bicubic", align_corners=False)
+        pixels = ((pixels - self.pixel_mean.to(self.device)) / self.pixel_std.to(self.device)).to(self.dtype)
+        features = self.model.model.get_image_features(pixels).pooler_output  # (B, Ni, H)
+        ids, mask = self._encode(self.judge_texts(categories, question))  # (C, T)
+        ids = ids.repeat(batch, 1)  # (B*C, T), image-major
+        mask = mask.repeat(batch, 1)
+        embeds = self.model.get_input_embeddings()(ids)  # (B*C, T, H)
+        feats = features.repeat_interleave(num_cat, dim=0).to(embeds.dtype)  # (B*C, Ni, H)
+        slots = (ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(slots, feats.reshape(-1))
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                                 position_ids=positions).last_hidden_state[:, -1]  # (B*C, H)
+        logits = self.model.lm_head(hidden).float()  # (B*C, V)
+        yes = logits[:, self.yes_ids].logsumexp(-1)
+        no = logits[:, self.no_ids].logsumexp(-1)
+        return torch.sigmoid(yes - no).view(batch, num_cat)
+
+    # ---- rewrite -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rewrite(self, prompts: list[str], instruction: str, max_new_tokens: int) -> list[str]:
+        texts = [self.format.rewrite.format(instruction=instruction, prompt=p) for p in prompts]
+        input_ids, mask = self._encode(texts)
+        out = self.model.generate(input_ids, attention_mask=mask, generation_mode="text", do_sample=False,
+                                  max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
+                                  eos_token_id=self.tokenizer.eos_token_id)
+        new = out[:, input_ids.shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    # ---- codebook ------------------------------------------------------------------------------
+    def get_codebook(self) -> torch.Tensor:
+        return self.model.model.vqmodel.quantize.embedding.weight.detach().float().cpu().clone()
+
+    def set_codebook(self, codebook: torch.Tensor, version: int) -> None:
+        weight = self.model.model.vqmodel.quantize.embedding.weight
+        if tuple(codebook.shape) != tuple(weight.shape):
+            raise ValueError(f"codebook shape {tuple(codebook.shape)} does not match the model's {tuple(weight.shape)}")
+        with torch.no_grad():
+            weight.copy_(codebook.to(weight.device, weight.dtype))
+        self.codebook_version = int(version)

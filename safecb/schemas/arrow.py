@@ -1,0 +1,107 @@
+"""Arrow schemas for every table the run writes, plus row <-> table helpers.
+
+Every row carries run id, iteration, codebook version, prompt id, sample index and seed, so a
+shard can be traced back to the exact call that produced it. Images are stored as VQ tokens
+(small); PNG bytes are optional (nullable).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION: int = 1
+SCHEMA_VERSION_KEY: bytes = b"safecb.schema_version"
+
+ROLES = ("collect", "counterpart", "eval")
+COUNTERPARTS = ("rewrite", "safe_sample")
+
+
+def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+    meta = {SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode(), b"safecb.table": name.encode()}
+    return pa.schema(fields, metadata=meta)
+
+
+PROMPT_SCHEMA = _schema(
+    "prompts",
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+    ],
+)
+
+GENERATION_SCHEMA = _schema(
+    "generations",
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("iteration", pa.int32(), nullable=False),
+        pa.field("codebook_version", pa.int32(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("tokens", pa.list_(pa.int32()), nullable=False),
+        # One probability per harm category; category order is recorded in the manifest.
+        pa.field("unsafe_probs", pa.list_(pa.float32()), nullable=False),
+        pa.field("max_unsafe_prob", pa.float32(), nullable=False),
+        pa.field("unsafe", pa.bool_(), nullable=False),
+        pa.field("role", pa.string(), nullable=False),  # "collect" | "counterpart" | "eval"
+        pa.field("png", pa.binary(), nullable=True),
+    ],
+)
+
+PAIR_SCHEMA = _schema(
+    "pairs",
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("iteration", pa.int32(), nullable=False),
+        pa.field("codebook_version", pa.int32(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("harmful_prompt", pa.string(), nullable=False),
+        pa.field("safe_prompt", pa.string(), nullable=False),
+        pa.field("harmful_tokens", pa.list_(pa.int32()), nullable=False),
+        pa.field("safe_tokens", pa.list_(pa.int32()), nullable=False),
+        pa.field("harmful_prob", pa.float32(), nullable=False),
+        pa.field("safe_prob", pa.float32(), nullable=False),
+        pa.field("counterpart", pa.string(), nullable=False),  # "rewrite" | "safe_sample"
+    ],
+)
+
+
+def table_from_rows(schema: pa.Schema, rows: list[dict]) -> pa.Table:
+    """Build a table of `schema` from a list of dicts, rejecting missing or unknown fields.
+
+    Nullable fields may be omitted (filled with null). Errors name the row index and field.
+    """
+    names = schema.names
+    known = set(names)
+    required = {f.name for f in schema if not f.nullable}
+    table_name = (schema.metadata or {}).get(b"safecb.table", b"table").decode()
+    for i, row in enumerate(rows):
+        keys = set(row)
+        missing = sorted(required - keys)
+        if missing:
+            raise ValueError(f"{table_name} row {i}: missing field(s) {missing}; expected {names}")
+        extra = sorted(keys - known)
+        if extra:
+            raise ValueError(f"{table_name} row {i}: unknown field(s) {extra}; expected {names}")
+    columns = {}
+    for field in schema:
+        values = [row.get(field.name) for row in rows]
+        if not field.nullable:
+            nulls = [i for i, v in enumerate(values) if v is None]
+            if nulls:
+                raise ValueError(f"{table_name} row {nulls[0]}: field {field.name!r} is None but not nullable")
+        try:
+            columns[field.name] = pa.array(values, type=field.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as e:
+            raise ValueError(f"{table_name}: field {field.name!r} expected {field.type}: {e}") from None
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def rows_from_table(table: pa.Table) -> list[dict]:
+    """Inverse of `table_from_rows`: one dict per row, Python scalars and lists."""
+    return table.to_pylist()

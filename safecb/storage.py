@@ -1,0 +1,489 @@
+"""One run prefix on any fsspec URL (local folder or ``s3://bucket/prefix``).
+
+Layout, relative to the run root::
+
+    config.yaml
+    iter=0003/generations/shard-000017.parquet   # one PUT per shard, deterministic name
+    iter=0003/pairs/shard-000017.parquet
+    iter=0003/_commits/generations-000017.json    # ShardRecord; written after the shard
+    iter=0003/MANIFEST.json                       # written last; readers trust only it
+    codebooks/v0004.safetensors (+ v0004.json)
+    metrics.jsonl
+
+Crash safety comes from ordering, not from atomic renames (object stores have none): a shard is
+one whole-object write, its commit marker is written after it, the manifest after all commits.
+Resume lists the commits and redoes only missing shards; readers read only what the manifest
+lists and verify each object's sha256.
+
+Every error is a one-line `StorageError` naming the URL/path and what was expected. Storage
+options (keys, secrets, tokens) never appear in messages or reprs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import threading
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+from safecb.schemas.codebook import CodebookArtifact, codebook_from_bytes, codebook_to_bytes
+from safecb.schemas.manifest import Manifest, ShardRecord
+
+if TYPE_CHECKING:
+    import torch
+
+# Low timeouts/retries so an unreachable endpoint fails in seconds, not minutes; user options win.
+S3_CONFIG_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 3,
+    "read_timeout": 10,
+    "retries": {"max_attempts": 2},
+}
+CHECK_REACHABLE_DEADLINE_S = 10.0
+PARQUET_COMPRESSION = "zstd"
+
+_KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_ITER_DIR_RE = re.compile(r"^iter=(\d+)$")
+_CODEBOOK_SIDECAR_RE = re.compile(r"^v(\d+)\.json$")
+_SECRET_KEY_RE = re.compile(r"key|secret|token|passw|credential|auth|session|signature|sig$", re.I)
+_USERINFO_RE = re.compile(r"://[^/\s@\"']+@")
+_LOCAL_PROTOCOLS = {"file", "local"}
+_S3_PROTOCOLS = {"s3", "s3a"}
+
+
+class StorageError(Exception):
+    """One-line storage failure naming the URL/path and what was expected. Never holds secrets."""
+
+
+# --------------------------------------------------------------------------- secret scrubbing
+
+
+def strip_credentials(url: str) -> str:
+    """Drop ``user:pass@`` and secret-looking query parameters (key=, secret=, token=...) from a URL."""
+    parts = urlsplit(url)
+    if not parts.scheme or len(parts.scheme) == 1:  # plain local path (or a Windows drive letter)
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _SECRET_KEY_RE.search(k)])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _secret_values(options: Any, key_is_secret: bool = False) -> set[str]:
+    """String values in `options` stored under secret-looking keys (recursively)."""
+    out: set[str] = set()
+    if isinstance(options, dict):
+        for k, v in options.items():
+            out |= _secret_values(v, key_is_secret or bool(_SECRET_KEY_RE.search(str(k))))
+    elif isinstance(options, (list, tuple)):
+        for v in options:
+            out |= _secret_values(v, key_is_secret)
+    elif isinstance(options, str) and key_is_secret and options:
+        out.add(options)
+    return out
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _iter_dir(iteration: int) -> str:
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    return f"iter={iteration:04d}"
+
+
+def _check_kind(kind: str) -> str:
+    if not _KIND_RE.match(kind):
+        raise ValueError(f"shard kind must match {_KIND_RE.pattern}, got {kind!r}")
+    return kind
+
+
+def _check_rel(rel_path: str) -> str:
+    rel = rel_path.strip("/")
+    if not rel or rel_path.startswith("/") or any(p in ("", ".", "..") for p in rel.split("/")):
+        raise ValueError(f"expected a relative path inside the run root, got {rel_path!r}")
+    return rel
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    """Deterministic Parquet bytes: same table + same pyarrow version -> same bytes (no timestamps)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=PARQUET_COMPRESSION)
+    return buf.getvalue()
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy / torch scalars and arrays in metric rows.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"metric value of type {type(obj).__name__} is not JSON serialisable")
+
+
+class RunStore:
+    """All artifacts of one run under one fsspec root URL.
+
+    `storage_options` go to `fsspec.core.url_to_fs`. For S3, `S3_CONFIG_DEFAULTS` are merged
+    under the user's ``config_kwargs`` and listings are not cached (other processes write too).
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self._raw_url = url
+        self._url = strip_credentials(url).rstrip("/")
+        options = dict(storage_options or {})
+        self._secrets = _secret_values(options)
+        protocol = urlsplit(url).scheme.lower() if "://" in url else "file"
+        if protocol in _S3_PROTOCOLS:
+            user_cfg = dict(options.get("config_kwargs") or {})
+            cfg = {**S3_CONFIG_DEFAULTS, **user_cfg}
+            if "retries" in user_cfg and isinstance(user_cfg["retries"], dict):
+                cfg["retries"] = {**S3_CONFIG_DEFAULTS["retries"], **user_cfg["retries"]}
+            options["config_kwargs"] = cfg
+            options.setdefault("use_listings_cache", False)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **options)
+        except Exception as e:  # bad URL / unknown protocol / missing backend
+            raise StorageError(self._msg("", "could not open filesystem", e)) from None
+        self._root = root.rstrip("/")
+        protos = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        self._is_local = bool(set(protos) & _LOCAL_PROTOCOLS)
+        self._is_s3 = bool(set(protos) & _S3_PROTOCOLS)
+
+    # ------------------------------------------------------------------ basics
+
+    @property
+    def url(self) -> str:
+        """Root URL with any credentials stripped."""
+        return self._url
+
+    def __repr__(self) -> str:
+        return f"RunStore({self._url!r})"
+
+    def _abs(self, rel: str) -> str:
+        return f"{self._root}/{rel}" if rel else self._root
+
+    def _scrub(self, text: str) -> str:
+        text = _USERINFO_RE.sub("://", _one_line(text))
+        for s in sorted(self._secrets, key=len, reverse=True):
+            text = text.replace(s, "***")
+        if self._raw_url != self._url:
+            text = text.replace(self._raw_url, self._url)
+        return text
+
+    def _msg(self, rel: str, expected: str, exc: BaseException | None = None) -> str:
+        where = f"{self._url}/{rel}" if rel else self._url
+        line = f"{where}: {expected}"
+        if exc is not None:
+            line += f" ({type(exc).__name__}: {exc})"
+        return self._scrub(line)
+
+    def _error(self, rel: str, expected: str, exc: BaseException | None = None) -> StorageError:
+        return StorageError(self._msg(rel, expected, exc))
+
+    def _makedirs_for(self, rel: str) -> None:
+        if self._is_local:
+            parent = self._abs(rel).rsplit("/", 1)[0]
+            self.fs.makedirs(parent, exist_ok=True)
+
+    def _put(self, rel: str, data: bytes) -> None:
+        """One whole-object write."""
+        try:
+            self._makedirs_for(rel)
+            self.fs.pipe_file(self._abs(rel), data)
+        except Exception as e:
+            raise self._error(rel, f"could not write {len(data)} bytes", e) from None
+
+    def _get(self, rel: str, what: str = "object") -> bytes:
+        try:
+            return self.fs.cat_file(self._abs(rel))
+        except FileNotFoundError:
+            raise self._error(rel, f"expected {what} to exist, but it is missing") from None
+        except Exception as e:
+            raise self._error(rel, f"could not read {what}", e) from None
+
+    def _ls_names(self, rel: str) -> dict[str, int | None]:
+        """basename -> size for the direct children of `rel` ({} if it does not exist)."""
+        try:
+            entries = self.fs.ls(self._abs(rel), detail=True)
+        except FileNotFoundError:
+            return {}
+        except Exception as e:
+            raise self._error(rel, "could not list folder", e) from None
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in entries}
+
+    def check_reachable(self) -> None:
+        """Raise StorageError within ~CHECK_REACHABLE_DEADLINE_S if the root can't be listed/created."""
+        result: dict[str, BaseException | None] = {}
+
+        def probe() -> None:
+            try:
+                if self._is_s3:
+                    bucket = self._root.split("/", 1)[0]
+                    # Never mkdir on S3: that would create a missing bucket.
+                    self.fs.ls(bucket, refresh=True)
+                else:
+                    if self._is_local:
+                        self.fs.makedirs(self._root, exist_ok=True)
+                    self.fs.ls(self._root)
+                result["err"] = None
+            except BaseException as e:  # noqa: BLE001 - reported below
+                result["err"] = e
+
+        t = threading.Thread(target=probe, name="safecb-check-reachable", daemon=True)
+        t.start()
+        t.join(CHECK_REACHABLE_DEADLINE_S)
+        if t.is_alive():
+            raise self._error("", f"storage root did not answer within {CHECK_REACHABLE_DEADLINE_S:.0f} s")
+        err = result.get("err")
+        if err is None:
+            return
+        if isinstance(err, FileNotFoundError):
+            what = "bucket does not exist" if self._is_s3 else "root folder does not exist"
+            raise self._error("", f"expected a reachable storage root, but {what}", err)
+        if isinstance(err, PermissionError):
+            raise self._error("", "expected a reachable storage root, but permission was denied", err)
+        raise self._error("", "expected a reachable storage root, but it could not be listed", err)
+
+    # ------------------------------------------------------------------ shards
+
+    def shard_path(self, iteration: int, kind: str, index: int) -> str:
+        """Relative path of a shard; a pure function of (iteration, kind, index)."""
+        if index < 0:
+            raise ValueError(f"shard index must be >= 0, got {index}")
+        return f"{_iter_dir(iteration)}/{_check_kind(kind)}/shard-{index:06d}.parquet"
+
+    def _commit_path(self, iteration: int, kind: str, index: int) -> str:
+        return f"{_iter_dir(iteration)}/_commits/{_check_kind(kind)}-{index:06d}.json"
+
+    def write_shard(self, iteration: int, kind: str, index: int, table: pa.Table) -> ShardRecord:
+        """Write the shard (one PUT of zstd Parquet bytes), then its commit marker. Idempotent."""
+        rel = self.shard_path(iteration, kind, index)
+        data = _parquet_bytes(table)
+        record = ShardRecord(kind=kind, index=index, path=rel, rows=table.num_rows, bytes=len(data), sha256=_sha256(data))
+        self._put(rel, data)
+        self._put(self._commit_path(iteration, kind, index), record.to_json().encode())
+        return record
+
+    def committed_shards(self, iteration: int, kind: str) -> dict[int, ShardRecord]:
+        """index -> record for every commit whose shard object exists with the committed size."""
+        _check_kind(kind)
+        commits_rel = f"{_iter_dir(iteration)}/_commits"
+        pattern = re.compile(rf"^{re.escape(kind)}-(\d+)\.json$")
+        names = sorted(n for n in self._ls_names(commits_rel) if pattern.match(n))
+        if not names:
+            return {}
+        sizes = self._ls_names(f"{_iter_dir(iteration)}/{kind}")
+        try:
+            blobs = self.fs.cat([self._abs(f"{commits_rel}/{n}") for n in names], on_error="return")
+        except Exception as e:
+            raise self._error(commits_rel, "could not read commit markers", e) from None
+        out: dict[int, ShardRecord] = {}
+        for name in names:
+            blob = blobs.get(self._abs(f"{commits_rel}/{name}"))
+            if not isinstance(blob, bytes):
+                continue  # vanished or unreadable: treat as not committed
+            try:
+                rec = ShardRecord.from_json(blob)
+            except ValidationError:
+                continue  # torn/garbled marker: the shard will be redone
+            if rec.kind != kind or rec.path != self.shard_path(iteration, kind, rec.index):
+                continue
+            if sizes.get(rec.path.rsplit("/", 1)[-1]) != rec.bytes:
+                continue  # shard missing or of another size
+            out[rec.index] = rec
+        return dict(sorted(out.items()))
+
+    # ------------------------------------------------------------------ manifests
+
+    def _manifest_path(self, iteration: int) -> str:
+        return f"{_iter_dir(iteration)}/MANIFEST.json"
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Write MANIFEST.json for `manifest.iteration` in one PUT (call after all shards)."""
+        self._put(self._manifest_path(manifest.iteration), manifest.to_json().encode())
+
+    def read_manifest(self, iteration: int) -> Manifest:
+        rel = self._manifest_path(iteration)
+        data = self._get(rel, "manifest")
+        try:
+            m = Manifest.from_json(data)
+        except ValidationError as e:
+            first = e.errors()[0] if e.errors() else {}
+            loc = ".".join(str(p) for p in first.get("loc", ()))
+            raise self._error(rel, f"expected a valid manifest, got {e.error_count()} error(s), first at {loc or '<root>'}: {first.get('msg', '')}") from None
+        if m.iteration != iteration:
+            raise self._error(rel, f"expected manifest of iteration {iteration}, got {m.iteration}")
+        return m
+
+    def has_manifest(self, iteration: int) -> bool:
+        return self.exists(self._manifest_path(iteration))
+
+    def manifest_iterations(self) -> list[int]:
+        """Sorted iterations that have a MANIFEST.json."""
+        iters = sorted(int(m.group(1)) for n in self._ls_names("") if (m := _ITER_DIR_RE.match(n)))
+        return [i for i in iters if self.has_manifest(i)]
+
+    def read_table(self, manifest: Manifest, kind: str, schema: pa.Schema | None = None) -> pa.Table:
+        """Concatenate exactly the `kind` shards `manifest` lists, verifying each one's sha256.
+
+        With no shards, returns an empty table of `schema` (required in that case). With `schema`,
+        each shard is checked/cast to it.
+        """
+        records = manifest.shards.get(kind, [])
+        if not records:
+            if schema is None:
+                raise ValueError(f"manifest of iteration {manifest.iteration} lists no {kind!r} shards; pass schema= to get an empty table")
+            return schema.empty_table()
+        paths = [self._abs(r.path) for r in records]
+        try:
+            blobs = self.fs.cat(paths, on_error="return")
+        except Exception as e:
+            raise self._error(_iter_dir(manifest.iteration), f"could not read {kind} shards", e) from None
+        tables = []
+        for rec, path in zip(records, paths):
+            blob = blobs.get(path)
+            if isinstance(blob, FileNotFoundError):
+                raise self._error(rec.path, f"expected shard listed in manifest (sha256 {rec.sha256[:12]}), but it is missing")
+            if not isinstance(blob, bytes):
+                raise self._error(rec.path, "could not read shard listed in manifest", blob)
+            sha = _sha256(blob)
+            if len(blob) != rec.bytes or sha != rec.sha256:
+                raise self._error(rec.path, f"expected sha256 {rec.sha256[:12]}.. ({rec.bytes} bytes), got {sha[:12]}.. ({len(blob)} bytes): shard corrupted or overwritten")
+            try:
+                t = pq.read_table(io.BytesIO(blob))
+            except Exception as e:
+                raise self._error(rec.path, "expected a readable Parquet shard", e) from None
+            if t.num_rows != rec.rows:
+                raise self._error(rec.path, f"expected {rec.rows} rows, got {t.num_rows}")
+            # Parquet names list children "element" (Arrow: "item"); cast restores the exact schema.
+            if schema is not None and not t.schema.equals(schema, check_metadata=True):
+                try:
+                    t = t.select(schema.names).cast(schema)
+                except Exception as e:
+                    raise self._error(rec.path, "shard does not match the expected schema", e) from None
+            tables.append(t)
+        try:
+            return pa.concat_tables(tables)
+        except pa.ArrowInvalid as e:
+            raise self._error(_iter_dir(manifest.iteration), f"{kind} shards have differing schemas", e) from None
+
+    def remove_iteration(self, iteration: int) -> None:
+        """Delete ``iter=NNNN/`` entirely (half-finished iterations beyond the last manifest)."""
+        rel = _iter_dir(iteration)
+        try:
+            self.fs.rm(self._abs(rel), recursive=True)
+        except FileNotFoundError:
+            return
+        except Exception as e:
+            raise self._error(rel, "could not delete iteration folder", e) from None
+        if self._is_s3:
+            self.fs.invalidate_cache(self._abs(rel))
+
+    # ------------------------------------------------------------------ codebooks
+
+    @staticmethod
+    def _codebook_rel(version: int, ext: str) -> str:
+        if version < 0:
+            raise ValueError(f"codebook version must be >= 0, got {version}")
+        return f"codebooks/v{version:04d}.{ext}"
+
+    def write_codebook(self, tensors: dict[str, "torch.Tensor"], artifact: CodebookArtifact) -> CodebookArtifact:
+        """Write ``codebooks/vNNNN.safetensors`` then its ``vNNNN.json`` sidecar.
+
+        Fills `shape`/`dtype` from ``tensors["codebook"]`` when empty (ValueError if they disagree)
+        and `sha256` of the safetensors bytes. Returns the filled artifact.
+        """
+        cb = tensors.get("codebook")
+        if cb is None:
+            raise ValueError(f"expected key 'codebook' in tensors, got {sorted(tensors)}")
+        shape, dtype = list(cb.shape), str(cb.dtype).removeprefix("torch.")
+        if artifact.shape and artifact.shape != shape:
+            raise ValueError(f"artifact.shape {artifact.shape} != codebook tensor shape {shape}")
+        if artifact.dtype and artifact.dtype.removeprefix("torch.") != dtype:
+            raise ValueError(f"artifact.dtype {artifact.dtype!r} != codebook tensor dtype {dtype!r}")
+        artifact = artifact.model_copy(update={"shape": shape, "dtype": dtype, "sha256": ""})
+        data = codebook_to_bytes(tensors, artifact)
+        artifact = artifact.model_copy(update={"sha256": _sha256(data)})
+        self._put(self._codebook_rel(artifact.version, "safetensors"), data)
+        self._put(self._codebook_rel(artifact.version, "json"), artifact.to_json().encode())
+        return artifact
+
+    def read_codebook(self, version: int) -> tuple[dict[str, "torch.Tensor"], CodebookArtifact]:
+        """Load a codebook version, verifying the safetensors bytes against the sidecar's sha256."""
+        side_rel = self._codebook_rel(version, "json")
+        st_rel = self._codebook_rel(version, "safetensors")
+        try:
+            artifact = CodebookArtifact.from_json(self._get(side_rel, "codebook sidecar"))
+        except ValidationError as e:
+            raise self._error(side_rel, f"expected a valid codebook sidecar ({e.error_count()} validation error(s))") from None
+        data = self._get(st_rel, "codebook")
+        sha = _sha256(data)
+        if sha != artifact.sha256:
+            raise self._error(st_rel, f"expected sha256 {artifact.sha256[:12]}.. from sidecar, got {sha[:12]}..: codebook corrupted or tampered")
+        try:
+            tensors, meta = codebook_from_bytes(data)
+        except Exception as e:
+            raise self._error(st_rel, "expected readable safetensors", e) from None
+        if meta.get("version") != artifact.version:
+            raise self._error(st_rel, f"expected embedded version {artifact.version}, got {meta.get('version')}")
+        return tensors, artifact
+
+    def codebook_versions(self) -> list[int]:
+        """Sorted versions that have a JSON sidecar (the sidecar is written last)."""
+        return sorted(int(m.group(1)) for n in self._ls_names("codebooks") if (m := _CODEBOOK_SIDECAR_RE.match(n)))
+
+    # ------------------------------------------------------------------ small files
+
+    def write_text(self, rel_path: str, text: str) -> None:
+        self._put(_check_rel(rel_path), text.encode("utf-8"))
+
+    def read_text(self, rel_path: str) -> str:
+        rel = _check_rel(rel_path)
+        data = self._get(rel, "file")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self._error(rel, "expected UTF-8 text", e) from None
+
+    def exists(self, rel_path: str) -> bool:
+        rel = _check_rel(rel_path)
+        try:
+            return bool(self.fs.exists(self._abs(rel)))
+        except Exception as e:
+            raise self._error(rel, "could not check existence", e) from None
+
+    def append_metrics(self, row: dict) -> None:
+        """Append one JSON line to metrics.jsonl (read-modify-write: object stores can't append)."""
+        line = json.dumps(row, default=_json_default, allow_nan=True)
+        old = self.read_text("metrics.jsonl") if self.exists("metrics.jsonl") else ""
+        if old and not old.endswith("\n"):
+            old += "\n"
+        self.write_text("metrics.jsonl", old + line + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.exists("metrics.jsonl"):
+            return []
+        rows = []
+        for n, line in enumerate(self.read_text("metrics.jsonl").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise self._error("metrics.jsonl", f"expected one JSON object per line, line {n} is invalid", e) from None
+        return rows

@@ -1,0 +1,103 @@
+"""Pairs → Harmful Space and per-code harm scores (DESIGN.md, loop step 3).
+
+Notation: K codes of dimension D; P pairs of aligned token grids of N tokens each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class HarmfulSpace:
+    basis: torch.Tensor  # (D, r) orthonormal columns; r == 0 when there is no pair evidence
+    singular_values: torch.Tensor  # (min(M, D),) all singular values of the difference matrix
+    energy: float  # fraction of squared singular values that the basis holds
+    num_differences: int  # M, the number of differing aligned positions used
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    def project_out(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The component of each row (…, D) orthogonal to the space: v − U Uᵀ v."""
+        return vectors - (vectors @ self.basis) @ self.basis.T
+
+
+@dataclass(frozen=True)
+class HarmScores:
+    score: torch.Tensor  # (K,) smoothed log-odds of a code in harmful vs safe images
+    harmful_counts: torch.Tensor  # (K,) occurrences in harmful images
+    safe_counts: torch.Tensor  # (K,) occurrences in safe images
+    harmful: torch.Tensor  # (K,) bool, the harmful codes
+
+
+def aligned_differences(harmful_tokens: torch.Tensor, safe_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Code pairs at the positions where an aligned pair differs.
+
+    harmful_tokens, safe_tokens: (P, N) int64 from the same seed, so position i of both grids was
+    drawn at the same step. Returns (codes_h, codes_s), each (M,), M = number of differing positions.
+    """
+    if harmful_tokens.shape != safe_tokens.shape:
+        raise ValueError(f"pair grids differ in shape: {tuple(harmful_tokens.shape)} vs {tuple(safe_tokens.shape)}")
+    differ = harmful_tokens != safe_tokens  # (P, N)
+    return harmful_tokens[differ], safe_tokens[differ]
+
+
+def harmful_space(
+    codebook: torch.Tensor,
+    codes_h: torch.Tensor,
+    codes_s: torch.Tensor,
+    energy: float = 0.9,
+    max_rank: int | None = None,
+) -> HarmfulSpace:
+    """Top right singular vectors of D = [ĉ(z_h,i) − ĉ(z_s,i)] that hold `energy` of Σσ².
+
+    codebook: (K, D). ĉ is the L2-normalised code, as the VQ decoder sees it. r ≥ 1 whenever
+    there is at least one non-zero difference.
+    """
+    dim = codebook.shape[1]
+    unit = F.normalize(codebook.double(), dim=-1)  # (K, D)
+    diffs = unit[codes_h] - unit[codes_s]  # (M, D)
+    if diffs.shape[0] == 0 or float(diffs.abs().max()) == 0.0:
+        empty = torch.zeros(dim, 0, dtype=codebook.dtype)
+        return HarmfulSpace(empty, torch.zeros(0, dtype=codebook.dtype), 0.0, int(diffs.shape[0]))
+    _, sigma, vh = torch.linalg.svd(diffs, full_matrices=False)  # sigma (min(M,D),), vh (min(M,D), D)
+    share = sigma.square().cumsum(0) / sigma.square().sum()  # (min(M,D),)
+    rank = int((share < energy - 1e-12).sum()) + 1  # smallest r with share[r-1] >= energy
+    rank = min(rank, max_rank or rank, int((sigma > sigma[0] * 1e-9).sum()))
+    basis = vh[:rank].T.contiguous()  # (D, r)
+    return HarmfulSpace(basis.to(codebook.dtype), sigma.to(codebook.dtype), float(share[rank - 1]), int(diffs.shape[0]))
+
+
+def harm_scores(
+    harmful_tokens: torch.Tensor,
+    safe_tokens: torch.Tensor,
+    num_codes: int,
+    smoothing: float = 1.0,
+    score_min: float = 1.0,
+    top_q: int | None = None,
+) -> HarmScores:
+    """Smoothed log-odds of each code in harmful vs safe images, and the harmful codes.
+
+    score_k = log((n_h,k + s) / (N_h + sK)) − log((n_s,k + s) / (N_s + sK)). A code is harmful when
+    score_k > score_min and it occurs in a harmful image — or, with top_q, when it is among the q
+    highest-scoring such codes. Shapes: tokens (P, N) or (M,); returns (K,) tensors.
+    """
+    n_h = torch.bincount(harmful_tokens.reshape(-1), minlength=num_codes).double()  # (K,)
+    n_s = torch.bincount(safe_tokens.reshape(-1), minlength=num_codes).double()  # (K,)
+    rate_h = (n_h + smoothing) / (n_h.sum() + smoothing * num_codes)
+    rate_s = (n_s + smoothing) / (n_s.sum() + smoothing * num_codes)
+    score = (rate_h.log() - rate_s.log()).float()  # (K,)
+    seen = n_h > 0
+    if top_q is not None:
+        ranked = torch.where(seen, score.double(), torch.tensor(float("-inf"), dtype=torch.float64))
+        top = ranked.topk(min(top_q, int(seen.sum()))).indices
+        harmful = torch.zeros(num_codes, dtype=torch.bool)
+        harmful[top] = True
+    else:
+        harmful = seen & (score > score_min)
+    return HarmScores(score, n_h, n_s, harmful)

@@ -1,0 +1,94 @@
+"""Shared fixtures: a loopback S3 (moto_server) and a `run_url` parametrised over local and S3."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+MOTO_START_TIMEOUT_S = 10.0
+_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_answers(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited with code {proc.returncode} before answering on {url}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer means it is up
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto_server did not answer on {url} within {timeout_s:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Start `moto_server` on a free loopback port; yields {"endpoint_url": ...}."""
+    saved = {k: os.environ.get(k) for k in _AWS_ENV}
+    os.environ.update(_AWS_ENV)
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    exe = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen(
+        [str(exe), "-p", str(port), "-H", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_until_answers(endpoint, proc, MOTO_START_TIMEOUT_S)
+        yield {"endpoint_url": endpoint}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the loopback S3 for one test; yields its name."""
+    import s3fs
+
+    name = f"safecb-test-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint_url"]}, skip_instance_cache=True)
+    fs.mkdir(name)
+    yield name
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_url(request, tmp_path):
+    """(url, storage_options) of an empty run root, on a local folder and on loopback S3."""
+    if request.param == "local":
+        return str(tmp_path / "run"), {}
+    server = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/runs/test", {"client_kwargs": {"endpoint_url": server["endpoint_url"]}}
