@@ -98,6 +98,7 @@ class GenerationConfig(Section):
     temperature: NonNegative = 1.0  # 0 = greedy
     top_k: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
+    prompts_per_shard: int = Field(64, ge=1)  # one shard = one resumable unit of work, one PUT
     seed: int = 0  # sample seeds are a pure function of (seed, prompt id, sample index)
 
 
@@ -120,6 +121,7 @@ class PairingConfig(Section):
     rewrite_max_new_tokens: int = Field(32, ge=1)
     # Fallback: replace each key phrase by its value (an empty value deletes the phrase).
     lexicon: dict[str, str] = {}
+    builtin_lexicon: Literal["world"] | None = None  # merged under `lexicon`
     use_safe_sample: bool = True  # a safe sample of the same prompt is an alternative counterpart
 
 

@@ -24,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -236,9 +238,17 @@ class RunStore:
                     bucket = self._root.split("/", 1)[0]
                     # Never mkdir on S3: that would create a missing bucket.
                     self.fs.ls(bucket, refresh=True)
+                elif self._is_local:
+                    # Create nothing yet (bad input elsewhere must leave no trace): the nearest
+                    # existing ancestor must be a folder we may write into.
+                    probe_dir = Path(self._root)
+                    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+                        probe_dir = probe_dir.parent
+                    if not probe_dir.is_dir():
+                        raise NotADirectoryError(str(probe_dir))
+                    if not os.access(probe_dir, os.W_OK | os.X_OK):
+                        raise PermissionError(str(probe_dir))
                 else:
-                    if self._is_local:
-                        self.fs.makedirs(self._root, exist_ok=True)
                     self.fs.ls(self._root)
                 result["err"] = None
             except BaseException as e:  # noqa: BLE001 - reported below

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))  # so tests can import tests_support
+
 MOTO_START_TIMEOUT_S = 10.0
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -1,0 +1,115 @@
+"""The `safecb` command (typer). Every failure a user can cause ends in one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="safecb: make an autoregressive image generator safer by repairing its VQ codebook "
+                       "(Safe-CB), with the model judging its own images — no human labels.")
+console = Console(stderr=True)
+
+_EXPECTED_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from safecb.config import ConfigError
+    from safecb.controller import RunError
+    from safecb.models.base import ModelLoadError
+    from safecb.prompts import PromptError
+    from safecb.storage import StorageError
+
+    return (ConfigError, PromptError, ModelLoadError, StorageError, RunError)
+
+
+def _fail(err: BaseException) -> None:
+    message = " ".join(str(err).split())  # one line, always
+    typer.echo(f"safecb: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _load(config: Path, run_dir: Optional[str]):
+    from safecb.config import load_config
+
+    overrides = {"storage.run_dir": run_dir} if run_dir else None
+    return load_config(config, overrides)
+
+
+@app.command()
+def run(
+    config: Path = typer.Option(..., "--config", "-c", help="Run config (YAML); configs/tiny.yaml is the embedded default."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Where the run lives: a folder or any fsspec URL "
+                                          "(s3://bucket/prefix). Overrides storage.run_dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir after its last manifest."),
+    until: Optional[int] = typer.Option(None, "--until", min=0, help="Stop after this iteration (resumable later)."),
+) -> None:
+    """Run the Safe-CB loop: collect → pair → harmful space → project → fine-tune → evaluate, until the
+    unsafe rate stops falling. Writes iter=NNNN/MANIFEST.json, codebooks/vNNNN.safetensors and
+    metrics.jsonl under the run folder."""
+    try:
+        cfg = _load(config, run_dir)
+        from safecb.controller import run as run_loop
+
+        run_loop(cfg, resume=resume, until=until, console=console)
+    except _expected_errors() as err:
+        _fail(err)
+
+
+@app.command()
+def report(
+    run_dir: str = typer.Argument(..., help="The run folder or URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics rows as JSON lines instead of a table."),
+) -> None:
+    """Show a run's iterations (metrics.jsonl, one row per iteration) and its final decision."""
+    try:
+        from rich.table import Table
+
+        from safecb.storage import RunStore
+
+        store = RunStore(run_dir)
+        store.check_reachable()
+        rows = store.read_metrics()
+        if not rows:
+            raise _expected_errors()[-1](f"{store.url}: no metrics.jsonl rows (is this a safecb run folder?)")
+        if as_json:
+            for row in rows:
+                typer.echo(json.dumps(row))
+            return
+        columns = [c for c in ("iteration", "codebook_version", "pairs", "unsafe_rate_self", "unsafe_rate_external",
+                               "unsafe_rate_external_separable", "unsafe_rate_external_entangled", "fidelity",
+                               "decision") if any(c in r for r in rows)]
+        table = Table(title=store.url)
+        for column in columns:
+            table.add_column(column.replace("unsafe_rate_", "unsafe_"))
+        for row in rows:
+            table.add_row(*(str(row.get(c, "")) for c in columns))
+        Console().print(table)
+        if store.exists("final.json"):
+            Console().print(f"final: {store.read_text('final.json').strip()}")
+    except _expected_errors() as err:
+        _fail(err)
+
+
+def _mount_world() -> None:
+    try:
+        from safecb.world.cli import app as world_app
+    except ImportError:  # the world package is optional at import time of the CLI
+        return
+    app.add_typer(world_app, name="world", help="The synthetic safety world: train its model, evaluate it.")
+
+
+_mount_world()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

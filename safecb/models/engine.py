@@ -1,0 +1,692 @@
+"""A fast image-token generation engine for Janus: static KV cache, CUDA graph, Triton decode kernels.
+
+Same contract as `safecb.models.generation.generate_image_tokens` (the adapter swaps them):
+conditional and unconditional rows in one 2B batch (unconditional = every token but BOS/BOI padded),
+positions = cumsum(mask) - 1 (left padding is safe), CFG `uncond + w (cond - uncond)` on float logits,
+tokens from `safecb.models.sampling.sample_tokens` (per-sample seeds, batch-independent).
+
+How it is fast (decoding is bound by reading the KV cache, then by the step's matrix products):
+  * its own compact Llama decode forward over the HF module's weights: q/k/v fused into one matrix,
+    gate/up into one, so a layer is 4 GEMMs (cuBLAS) + 4 small fused Triton kernels
+    (residual add + RMSNorm, RoPE + cache write (+ fp8 quantisation), decode attention, SiLU x up);
+  * a preallocated static KV cache (layers, 2*max_batch, kv_heads, max_len, head_dim); the attention
+    kernel reads only each row's valid slots [first real prompt token, current slot], split along the
+    sequence when the batch is too small to fill the GPU (flash-decoding), one pass over the bytes;
+  * optional fp8 (e4m3) cache with one fp32 scale per (row, head, slot): half the bytes to read;
+  * the whole decode step (embed -> 24 layers -> head -> CFG -> sampling -> token bookkeeping) captured
+    once per (batch size, sampling params) in a CUDA graph and replayed N-1 times; step counters live
+    on the device, so one graph serves every step and every prompt length.
+
+On CPU (or with `backend="torch"`) the same engine runs with plain torch ops and no graph: CI checks
+its tokens against `generate_image_tokens` and HF `generate` there. With `backend="triton"` on CPU and
+TRITON_INTERPRET=1 the Triton kernels run in Triton's interpreter (a local check of the kernels).
+
+Weights are read from the HF module when the engine is built (bf16 on CUDA). Matrices that need no
+fusion or cast are shared, not copied. If the module's parameters change afterwards (in-place update
+or replacement), the next `generate` notices (data pointer / version counter) and rebuilds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from safecb.models.base import SamplingParams
+from safecb.models.generation import cfg_batch
+from safecb.models.sampling import cfg_logits, sample_tokens
+
+try:  # Triton is optional: absent on CPU-only machines, where the torch backend runs.
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - any import failure means "no Triton"
+    triton = None
+    tl = None
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+KV_DTYPES = ("bf16", "fp8")
+# Decode attention tile (keys per iteration) and warps per program, by cache element size.
+DEFAULT_ATTN_CONFIG = {"bf16": (64, 4), "fp8": (128, 4)}
+
+
+def engine_available(device: torch.device | str) -> tuple[bool, str]:
+    """Whether the fast engine can run on `device`: (True, what it runs on) or (False, why not)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"the fast engine needs a CUDA device (got '{device.type}'); the plain loop runs instead"
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available to torch"
+    if triton is None:
+        return False, "triton is not installed"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:
+        return False, f"compute capability {major}.{minor} < 8.0 (no bf16)"
+    return True, f"{torch.cuda.get_device_name(index)} (sm_{major}{minor}), triton {triton.__version__}"
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., D) -> (float8_e4m3fn (..., D), fp32 scale (...)): x ~= q * scale, one scale per vector."""
+    xf = x.float()
+    scale = xf.abs().amax(-1).clamp_min(1e-12) / FP8_MAX
+    q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm exactly as HF computes it."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels (defined only where Triton imports)
+# ------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _add_rmsnorm_kernel(X, DELTA, W, OUT, eps, N, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr):
+        """X[row] += DELTA[row] (rounded to X's dtype, as HF's residual add); OUT[row] = RMSNorm(X[row]) * W."""
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < N
+        x = tl.load(X + row * N + cols, mask=m, other=0.0)
+        if HAS_DELTA:
+            d = tl.load(DELTA + row * N + cols, mask=m, other=0.0)
+            x = (x.to(tl.float32) + d.to(tl.float32)).to(X.dtype.element_ty)
+            tl.store(X + row * N + cols, x, mask=m)
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, 0) / N
+        n = (xf * (1.0 / tl.sqrt(var + eps))).to(X.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(OUT + row * N + cols, (w * n).to(OUT.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _silu_mul_kernel(GU, OUT, I, BLOCK: tl.constexpr):
+        """OUT[row] = silu(GU[row, :I]) * GU[row, I:], rounded like HF's two bf16 ops."""
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < I
+        g = tl.load(GU + row * 2 * I + cols, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(GU + row * 2 * I + I + cols, mask=m, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty).to(tl.float32)
+        tl.store(OUT + row * I + cols, (s * u).to(OUT.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rope_cache_kernel(QKV, COS, SIN, POS, SLOT, QO, KC, VC, KS, VS,
+                           stride_qkv, stride_cr, stride_ch, stride_sr, stride_sh,
+                           HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr):
+        """RoPE on q and k of one new token; q to QO (R, HEADS, D); k, v into the cache at slot *SLOT."""
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        HALF: tl.constexpr = D // 2
+        j = tl.arange(0, HALF)
+        pos = tl.load(POS + row)
+        c1 = tl.load(COS + pos * D + j)
+        c2 = tl.load(COS + pos * D + HALF + j)
+        s1 = tl.load(SIN + pos * D + j)
+        s2 = tl.load(SIN + pos * D + HALF + j)
+        qb = QKV + row * stride_qkv + head * D
+        q1 = tl.load(qb + j).to(tl.float32)
+        q2 = tl.load(qb + HALF + j).to(tl.float32)
+        ob = QO + (row * HEADS + head) * D
+        tl.store(ob + j, (q1 * c1 - q2 * s1).to(QO.dtype.element_ty))
+        tl.store(ob + HALF + j, (q2 * c2 + q1 * s2).to(QO.dtype.element_ty))
+        if head < KV_HEADS:
+            kb = QKV + row * stride_qkv + (HEADS + head) * D
+            vb = QKV + row * stride_qkv + (HEADS + KV_HEADS + head) * D
+            k1 = tl.load(kb + j).to(tl.float32)
+            k2 = tl.load(kb + HALF + j).to(tl.float32)
+            r1 = (k1 * c1 - k2 * s1).to(QO.dtype.element_ty).to(tl.float32)  # k as the model dtype holds it
+            r2 = (k2 * c2 + k1 * s2).to(QO.dtype.element_ty).to(tl.float32)
+            v1 = tl.load(vb + j).to(tl.float32)
+            v2 = tl.load(vb + HALF + j).to(tl.float32)
+            slot = tl.load(SLOT)
+            dst = row * stride_cr + head * stride_ch + slot * D
+            if FP8:
+                ks = tl.maximum(tl.maximum(tl.max(tl.abs(r1), 0), tl.max(tl.abs(r2), 0)), 1e-12) / 448.0
+                vs = tl.maximum(tl.maximum(tl.max(tl.abs(v1), 0), tl.max(tl.abs(v2), 0)), 1e-12) / 448.0
+                tl.store(KC + dst + j, tl.minimum(tl.maximum(r1 / ks, -448.0), 448.0).to(KC.dtype.element_ty))
+                tl.store(KC + dst + HALF + j, tl.minimum(tl.maximum(r2 / ks, -448.0), 448.0).to(KC.dtype.element_ty))
+                tl.store(VC + dst + j, tl.minimum(tl.maximum(v1 / vs, -448.0), 448.0).to(VC.dtype.element_ty))
+                tl.store(VC + dst + HALF + j, tl.minimum(tl.maximum(v2 / vs, -448.0), 448.0).to(VC.dtype.element_ty))
+                sdst = row * stride_sr + head * stride_sh + slot
+                tl.store(KS + sdst, ks)
+                tl.store(VS + sdst, vs)
+            else:
+                tl.store(KC + dst + j, r1.to(KC.dtype.element_ty))
+                tl.store(KC + dst + HALF + j, r2.to(KC.dtype.element_ty))
+                tl.store(VC + dst + j, v1.to(VC.dtype.element_ty))
+                tl.store(VC + dst + HALF + j, v2.to(VC.dtype.element_ty))
+
+    @triton.jit
+    def _decode_attn_kernel(Q, KC, VC, KS, VS, START, SLOT, O, OP, LSE,
+                            stride_cr, stride_ch, stride_sr, stride_sh, sm_scale,
+                            HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                            BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, FP8: tl.constexpr):
+        """One query per (row, head) over cache slots [START[row], *SLOT]; split `split` of SPLITS."""
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        split = tl.program_id(2)
+        kvh = head // GROUP
+        start = tl.load(START + row)
+        end = tl.load(SLOT) + 1
+        chunk = tl.cdiv(tl.cdiv(end - start, SPLITS), BLOCK_N) * BLOCK_N
+        lo = start + split * chunk
+        hi = tl.minimum(lo + chunk, end)
+        d = tl.arange(0, D)
+        q = tl.load(Q + (row * HEADS + head) * D + d).to(tl.float32) * (sm_scale * 1.4426950408889634)
+        kb = KC + row * stride_cr + kvh * stride_ch
+        vb = VC + row * stride_cr + kvh * stride_ch
+        sb = row * stride_sr + kvh * stride_sh
+        m_i = -float("inf")
+        l_i = 0.0
+        acc = tl.zeros([D], dtype=tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            valid = offs < hi
+            k = tl.load(kb + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(vb + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+            qk = tl.sum(k.to(tl.float32) * q[None, :], 1)
+            if FP8:
+                qk = qk * tl.load(KS + sb + offs, mask=valid, other=0.0)
+            qk = tl.where(valid, qk, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            if FP8:
+                p = p * tl.load(VS + sb + offs, mask=valid, other=0.0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+            m_i = m_new
+        if SPLITS == 1:
+            tl.store(O + (row * HEADS + head) * D + d, (acc / l_i).to(O.dtype.element_ty))
+        else:
+            safe_l = tl.where(l_i > 0, l_i, 1.0)
+            base = (row * HEADS + head) * SPLITS + split
+            tl.store(OP + base * D + d, acc / safe_l)
+            tl.store(LSE + base, tl.where(l_i > 0, m_i + tl.log2(safe_l), -float("inf")))
+
+    @triton.jit
+    def _combine_kernel(OP, LSE, O, HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
+        """Merge the SPLITS partial softmax-weighted sums of one (row, head) (log-sum-exp weights)."""
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        base = (row * HEADS + head) * SPLITS
+        s = tl.arange(0, SPLITS)
+        lse = tl.load(LSE + base + s)
+        w = tl.exp2(lse - tl.max(lse, 0))
+        d = tl.arange(0, D)
+        parts = tl.load(OP + (base + s)[:, None] * D + d[None, :])
+        out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(O + (row * HEADS + head) * D + d, out.to(O.dtype.element_ty))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                     v_scale: torch.Tensor | None, start: torch.Tensor, slot: torch.Tensor, sm_scale: float,
+                     splits: int = 1, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """Triton decode attention. q (R, H, D); caches (R', KVH, L, D) (R' >= R); scales (R', KVH, L) for fp8;
+    start (R,) int32 first valid slot; slot () int32 last valid slot. Returns (R, H*D) in q's dtype."""
+    rows, heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    fp8 = k_scale is not None
+    out = torch.empty(rows, heads * dim, device=q.device, dtype=q.dtype)
+    if splits > 1:
+        partial = torch.empty(rows, heads, splits, dim, device=q.device, dtype=torch.float32)
+        lse = torch.empty(rows, heads, splits, device=q.device, dtype=torch.float32)
+    else:
+        partial, lse = out, out
+    ks = k_scale if fp8 else k_cache
+    vs = v_scale if fp8 else v_cache
+    _decode_attn_kernel[(rows, heads, splits)](
+        q, k_cache, v_cache, ks, vs, start, slot, out, partial, lse,
+        k_cache.stride(0), k_cache.stride(1),
+        ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0, sm_scale,
+        HEADS=heads, GROUP=heads // kv_heads, D=dim, BLOCK_N=block_n, SPLITS=splits, FP8=fp8,
+        num_warps=num_warps)
+    if splits > 1:
+        _combine_kernel[(rows, heads)](partial, lse, out, HEADS=heads, D=dim, SPLITS=splits, num_warps=4)
+    return out
+
+
+def _add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
+                 eps: float) -> None:
+    rows, n = x.shape
+    block = triton.next_power_of_2(n)
+    _add_rmsnorm_kernel[(rows,)](x, delta if delta is not None else x, weight, out, eps, n, BLOCK=block,
+                                 HAS_DELTA=delta is not None, num_warps=8 if block >= 2048 else 4)
+
+
+def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    rows, two_i = gu.shape
+    inter = two_i // 2
+    out = torch.empty(rows, inter, device=gu.device, dtype=gu.dtype)
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(inter, block))](gu, out, inter, BLOCK=block, num_warps=4)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine
+# ------------------------------------------------------------------------------------------------
+class _Layer:
+    __slots__ = ("ln1", "wqkv", "bqkv", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd")
+
+
+class JanusEngine:
+    """Batched CFG image-token generation for one `JanusForConditionalGeneration`; built once per model.
+
+    generate(input_ids (B, T) left-padded, attention_mask (B, T), seeds (B,), params, bos_id, boi_id, pad_id)
+    -> (B, num_image_tokens) int64, the semantics of `generate_image_tokens`. Not thread-safe.
+    """
+
+    def __init__(self, model, max_batch: int, max_prompt_len: int, num_image_tokens: int, kv_dtype: str = "bf16",
+                 use_cuda_graph: bool = True, *, dtype: torch.dtype | None = None, backend: str = "auto",
+                 attn_config: tuple[int, int] | None = None, max_graphs: int = 8):
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+        if max_batch < 1 or max_prompt_len < 1 or num_image_tokens < 1:
+            raise ValueError("max_batch, max_prompt_len and num_image_tokens must be >= 1")
+        self.model = model
+        self.lm = model.model.language_model
+        cfg = self.lm.config
+        self.device = next(model.parameters()).device
+        on_cuda = self.device.type == "cuda"
+        self.dtype = dtype or (torch.bfloat16 if on_cuda else next(model.parameters()).dtype)
+        if backend == "auto":
+            backend = "triton" if (on_cuda and triton is not None) else "torch"
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if backend == "triton" and triton is None:
+            raise RuntimeError("backend='triton' but triton is not installed")
+        self.backend = backend
+        self.use_cuda_graph = bool(use_cuda_graph and on_cuda and backend == "triton")
+        if kv_dtype == "fp8" and on_cuda and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise ValueError("kv_dtype='fp8' needs compute capability >= 8.9")
+        self.kv_dtype = kv_dtype
+        self.max_batch = int(max_batch)
+        self.max_prompt_len = int(max_prompt_len)
+        self.num_image_tokens = int(num_image_tokens)
+        self.max_len = self.max_prompt_len + self.num_image_tokens
+        self.hidden = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.heads
+        self.num_layers = cfg.num_hidden_layers
+        self.eps = cfg.rms_norm_eps
+        self.scaling = self.head_dim ** -0.5
+        self.mlp_act = self.lm.layers[0].mlp.act_fn
+        self._silu_fused = getattr(cfg, "hidden_act", "silu") == "silu"
+        self.attn_config = attn_config or DEFAULT_ATTN_CONFIG[kv_dtype]
+        self.max_graphs = max_graphs
+
+        self._build_weights()
+        self._build_rope()
+        rows = 2 * self.max_batch
+        dev = self.device
+        cache_dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else self.dtype
+        shape = (self.num_layers, rows, self.kv_heads, self.max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, device=dev, dtype=cache_dtype)
+        self.v_cache = torch.zeros(shape, device=dev, dtype=cache_dtype)
+        if kv_dtype == "fp8":
+            self.k_scale = torch.zeros(shape[:-1], device=dev, dtype=torch.float32)
+            self.v_scale = torch.zeros(shape[:-1], device=dev, dtype=torch.float32)
+        else:
+            self.k_scale = self.v_scale = None
+        # Decode state, on the device so that one captured graph serves every step.
+        self._tok = torch.zeros(self.max_batch, device=dev, dtype=torch.long)  # last sampled token (B,)
+        self._seeds = torch.zeros(self.max_batch, device=dev, dtype=torch.long)
+        self._out = torch.zeros(self.max_batch, self.num_image_tokens, device=dev, dtype=torch.long)
+        self._step = torch.zeros((), device=dev, dtype=torch.long)  # index of the token the step samples
+        self._slot = torch.zeros((), device=dev, dtype=torch.int32)  # cache slot the step writes
+        self._pos = torch.zeros(rows, device=dev, dtype=torch.long)  # RoPE position of the step's token
+        self._start = torch.zeros(rows, device=dev, dtype=torch.int32)  # first valid slot per row
+        self._slot_host = 0  # the same slot, for the torch backend's slicing
+        self._graphs: dict[Any, Any] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
+        self.num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if on_cuda else 1
+
+    # ---- weights -------------------------------------------------------------------------------
+    def _source_params(self) -> list[torch.Tensor]:
+        m = self.model.model
+        params = [self.lm.embed_tokens.weight, self.lm.norm.weight, m.generation_embeddings.weight]
+        params += list(m.generation_aligner.parameters()) + list(m.generation_head.parameters())
+        for layer in self.lm.layers:
+            params += list(layer.parameters())
+        return params
+
+    def _signature(self) -> list[tuple[int, int]]:
+        return [(p.data_ptr(), p._version) for p in self._source_params()]
+
+    def _w(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """The tensor in the engine's dtype/device; shared (not copied) when it already is."""
+        if t is None:
+            return None
+        t = t.detach()
+        if t.dtype == self.dtype and t.device == self.device and t.is_contiguous():
+            return t
+        return t.to(self.device, self.dtype).contiguous()
+
+    def _build_weights(self) -> None:
+        def cat(*ts):
+            if ts[0] is None:
+                return None
+            return torch.cat([t.detach() for t in ts]).to(self.device, self.dtype).contiguous()
+
+        self.layers = []
+        for src in self.lm.layers:
+            a, mlp = src.self_attn, src.mlp
+            layer = _Layer()
+            layer.ln1 = self._w(src.input_layernorm.weight)
+            layer.ln2 = self._w(src.post_attention_layernorm.weight)
+            layer.wqkv = cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+            layer.bqkv = cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
+            layer.wo, layer.bo = self._w(a.o_proj.weight), self._w(a.o_proj.bias)
+            layer.wgu = cat(mlp.gate_proj.weight, mlp.up_proj.weight)
+            layer.bgu = cat(mlp.gate_proj.bias, mlp.up_proj.bias)
+            layer.wd, layer.bd = self._w(mlp.down_proj.weight), self._w(mlp.down_proj.bias)
+            self.layers.append(layer)
+        m = self.model.model
+        self.embed = self._w(self.lm.embed_tokens.weight)
+        self.norm = self._w(self.lm.norm.weight)
+        self.gen_embed = self._w(m.generation_embeddings.weight)
+        aligner = m.generation_aligner
+        self.aligner = [(self._w(aligner.fc1.weight), self._w(aligner.fc1.bias))]
+        self.aligner += [(self._w(lin.weight), self._w(lin.bias)) for lin in aligner.hidden_layers]
+        self.aligner_act = aligner.activation_fn
+        head = m.generation_head
+        self.head = [(self._w(head.proj_out.weight), self._w(head.proj_out.bias)),
+                     (self._w(head.vision_head.weight), self._w(head.vision_head.bias))]
+        self.head_act = head.activation_fn
+        self._sig = self._signature()
+
+    def _build_rope(self) -> None:
+        """cos/sin tables (max_len, D) from the HF rotary module itself (any rope type), rounded like HF."""
+        rotary = self.lm.rotary_emb
+        positions = torch.arange(self.max_len, device=self.device)[None]
+        probe = torch.zeros(1, device=self.device, dtype=torch.float32)
+        cos, sin = rotary(probe, positions)
+        self.cos = cos[0].to(self.dtype)  # (L, D), HF applies them in the model dtype
+        self.sin = sin[0].to(self.dtype)
+        self.cos32 = self.cos.float().contiguous()
+        self.sin32 = self.sin.float().contiguous()
+
+    def refresh(self) -> None:
+        """Re-read the module's weights and drop captured graphs (done automatically when they change)."""
+        self._build_weights()
+        self._build_rope()
+        self._graphs.clear()
+
+    # ---- pieces of the forward -----------------------------------------------------------------
+    def _embed_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`prepare_embeddings_for_image_generation`: generation table -> aligner MLP. (B,) -> (B, H)."""
+        e = F.embedding(tokens, self.gen_embed)
+        w, b = self.aligner[0]
+        e = F.linear(e, w, b)
+        for w, b in self.aligner[1:]:
+            e = F.linear(self.aligner_act(e), w, b)
+        return e
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        (w1, b1), (w2, b2) = self.head
+        return F.linear(self.head_act(F.linear(h, w1, b1)), w2, b2).float()
+
+    def _sample(self, h: torch.Tensor, batch: int, params: SamplingParams, step) -> torch.Tensor:
+        logits = self._logits(h)  # (2B, V) float
+        guided = cfg_logits(logits[:batch], logits[batch:], params.guidance)
+        return sample_tokens(guided, self._seeds[:batch], step, params.temperature, params.top_k)
+
+    def _write_cache(self, layer: int, rows: int, slots: slice | int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (R, KVH, S, D) (or (R, KVH, D) for one slot) into the cache at `slots`."""
+        if self.kv_dtype == "fp8":
+            kq, ks = quantize_fp8(k)
+            vq, vs = quantize_fp8(v)
+            self.k_cache[layer, :rows, :, slots] = kq
+            self.v_cache[layer, :rows, :, slots] = vq
+            self.k_scale[layer, :rows, :, slots] = ks
+            self.v_scale[layer, :rows, :, slots] = vs
+        else:
+            self.k_cache[layer, :rows, :, slots] = k
+            self.v_cache[layer, :rows, :, slots] = v
+
+    def _read_cache(self, layer: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.k_cache[layer, :rows, :, :length]
+        v = self.v_cache[layer, :rows, :, :length]
+        if self.kv_dtype == "fp8":
+            k = (k.float() * self.k_scale[layer, :rows, :, :length, None]).to(self.dtype)
+            v = (v.float() * self.v_scale[layer, :rows, :, :length, None]).to(self.dtype)
+        return k, v
+
+    def _mlp(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+        gu = F.linear(h, layer.wgu, layer.bgu)
+        gate, up = gu.chunk(2, dim=-1)
+        return F.linear(self.mlp_act(gate) * up, layer.wd, layer.bd)
+
+    def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(R, S, (H + 2 KVH) D) -> q (R, H, S, D), k, v (R, KVH, S, D)."""
+        r, s, _ = qkv.shape
+        qd, kd = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q = qkv[..., :qd].view(r, s, self.heads, self.head_dim).transpose(1, 2)
+        k = qkv[..., qd:qd + kd].view(r, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = qkv[..., qd + kd:].view(r, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the (2B, T) prompt batch, fill cache slots [0, T). Returns last hidden (2B, H), last
+        positions (2B,), first valid slot per row (2B,)."""
+        rows, length = ids.shape
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (R, T)
+        start = length - mask.sum(-1)  # (R,) left padding
+        x = F.embedding(ids, self.embed)  # (R, T, H)
+        cos = self.cos[positions][:, None]  # (R, 1, T, D)
+        sin = self.sin[positions][:, None]
+        j = torch.arange(length, device=ids.device)
+        causal = j[None, :] <= j[:, None]  # (T, T) [query, key]
+        allowed = (causal[None] & (j[None, None, :] >= start[:, None, None])) | torch.eye(
+            length, dtype=torch.bool, device=ids.device)[None]  # a pad query sees itself: no NaN
+        allowed = allowed[:, None]  # (R, 1, T, T)
+        gqa = self.kv_heads != self.heads
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.ln1, self.eps)
+            q, k, v = self._split_qkv(F.linear(h, layer.wqkv, layer.bqkv))
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            self._write_cache(index, rows, slice(0, length), k, v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scaling, enable_gqa=gqa)
+            o = o.transpose(1, 2).reshape(rows, length, -1)
+            x = x + F.linear(o, layer.wo, layer.bo)
+            x = x + self._mlp(layer, _rms_norm(x, layer.ln2, self.eps))
+        h = _rms_norm(x[:, -1], self.norm, self.eps)
+        return h, positions[:, -1], start
+
+    def _layers_torch(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """One-token decode through all layers with torch ops (reference / CPU). x (R, H)."""
+        slot = self._slot_host
+        cos = self.cos[self._pos[:rows]][:, None, None]  # (R, 1, 1, D)
+        sin = self.sin[self._pos[:rows]][:, None, None]
+        length = slot + 1
+        valid = torch.arange(length, device=x.device)[None, :] >= self._start[:rows, None]  # (R, L)
+        valid = valid[:, None, None]  # (R, 1, 1, L)
+        gqa = self.kv_heads != self.heads
+        x = x[:, None]  # (R, 1, H)
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.ln1, self.eps)
+            q, k, v = self._split_qkv(F.linear(h, layer.wqkv, layer.bqkv))  # (R, *, 1, D)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            self._write_cache(index, rows, slot, k[:, :, 0], v[:, :, 0])
+            kc, vc = self._read_cache(index, rows, length)
+            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=valid, scale=self.scaling, enable_gqa=gqa)
+            x = x + F.linear(o.transpose(1, 2).reshape(rows, 1, -1), layer.wo, layer.bo)
+            x = x + self._mlp(layer, _rms_norm(x, layer.ln2, self.eps))
+        return _rms_norm(x[:, 0], self.norm, self.eps)
+
+    def _layers_triton(self, x: torch.Tensor, rows: int, splits: int) -> torch.Tensor:
+        """One-token decode through all layers with the fused Triton kernels. x (R, H), updated in place."""
+        h = torch.empty_like(x)
+        q = torch.empty(rows, self.heads, self.head_dim, device=x.device, dtype=x.dtype)
+        fp8 = self.kv_dtype == "fp8"
+        block_n, warps = self.attn_config
+        delta = None
+        for index, layer in enumerate(self.layers):
+            _add_rmsnorm(x, delta, layer.ln1, h, self.eps)
+            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            kc, vc = self.k_cache[index], self.v_cache[index]
+            ks = self.k_scale[index] if fp8 else None
+            vs = self.v_scale[index] if fp8 else None
+            _rope_cache_kernel[(rows, self.heads)](
+                qkv, self.cos32, self.sin32, self._pos, self._slot, q, kc, vc,
+                ks if fp8 else kc, vs if fp8 else vc,
+                qkv.stride(0), kc.stride(0), kc.stride(1),
+                ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0,
+                HEADS=self.heads, KV_HEADS=self.kv_heads, D=self.head_dim, FP8=fp8, num_warps=1)
+            o = decode_attention(q, kc, vc, ks, vs, self._start, self._slot, self.scaling, splits=splits,
+                                 block_n=block_n, num_warps=warps)
+            o = F.linear(o, layer.wo, layer.bo)
+            _add_rmsnorm(x, o, layer.ln2, h, self.eps)
+            gu = F.linear(h, layer.wgu, layer.bgu)
+            if self._silu_fused:
+                a = _silu_mul(gu)
+            else:
+                gate, up = gu.chunk(2, dim=-1)
+                a = self.mlp_act(gate) * up
+            delta = F.linear(a, layer.wd, layer.bd)
+        _add_rmsnorm(x, delta, self.norm, h, self.eps)
+        return h
+
+    def _splits(self, rows: int) -> int:
+        """Sequence splits for the attention so that small batches still fill the GPU (power of 2)."""
+        programs = rows * self.heads
+        target = 4 * self.num_sms
+        splits = 1
+        while programs * splits < target and splits < 16:
+            splits *= 2
+        return splits
+
+    def _decode_step(self, batch: int, params: SamplingParams) -> None:
+        """Feed the last token, sample the next one, advance the device-side counters (capturable)."""
+        rows = 2 * batch
+        e = self._embed_image_tokens(self._tok[:batch])
+        x = torch.cat([e, e]).to(self.dtype)  # (2B, H): the same image token for cond and uncond rows
+        if self.backend == "triton":
+            h = self._layers_triton(x, rows, self._splits(rows))
+        else:
+            h = self._layers_torch(x, rows)
+        nxt = self._sample(h, batch, params, self._step)
+        self._out[:batch].index_copy_(1, self._step.view(1), nxt.view(batch, 1))
+        self._tok[:batch].copy_(nxt)
+        self._step.add_(1)
+        self._slot.add_(1)
+        self._pos[:rows].add_(1)
+
+    def _graph_for(self, batch: int, params: SamplingParams):
+        key = (batch, float(params.guidance), float(params.temperature), params.top_k)
+        return key, self._graphs.get(key)
+
+    def _capture(self, key, batch: int, params: SamplingParams):
+        if len(self._graphs) >= self.max_graphs:
+            self._graphs.pop(next(iter(self._graphs)))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._decode_step(batch, params)
+        self._graphs[key] = graph
+        return graph
+
+    # ---- the public call -----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seeds: torch.Tensor,
+                 params: SamplingParams, bos_id: int, boi_id: int, pad_id: int, *,
+                 num_tokens: int | None = None, forced_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Image tokens (B, N) int64 for left-padded prompts ending in BOI; seeds (B,) int64.
+
+        num_tokens: stop after that many tokens (warm-up, timing). forced_tokens (B, N): feed these
+        instead of the sampled tokens (teacher forcing; the output is still the engine's own choice at
+        each step) — used to measure per-step agreement with another decoder.
+        """
+        batch, length = input_ids.shape
+        steps = self.num_image_tokens if num_tokens is None else int(num_tokens)
+        if not 1 <= steps <= self.num_image_tokens:
+            raise ValueError(f"num_tokens must be in [1, {self.num_image_tokens}]")
+        if seeds.shape != (batch,):
+            raise ValueError(f"seeds must have shape ({batch},), got {tuple(seeds.shape)}")
+        if batch > self.max_batch:  # samples are batch-independent: chunking changes nothing
+            parts = []
+            for lo in range(0, batch, self.max_batch):
+                hi = lo + self.max_batch
+                parts.append(self.generate(input_ids[lo:hi], attention_mask[lo:hi], seeds[lo:hi], params, bos_id,
+                                           boi_id, pad_id, num_tokens=num_tokens,
+                                           forced_tokens=None if forced_tokens is None else forced_tokens[lo:hi]))
+            return torch.cat(parts)
+        if length > self.max_prompt_len:
+            raise ValueError(f"prompt length {length} > max_prompt_len {self.max_prompt_len}")
+        if self._signature() != self._sig:
+            self.refresh()
+        dev = self.device
+        ids = input_ids.to(dev)
+        mask = attention_mask.to(dev).long()
+        if bool((mask[:, -1] != 1).any()) or bool((mask.diff(dim=1) < 0).any()):
+            raise ValueError("attention_mask must be left padding (0…0 1…1) with the last token real")
+        if forced_tokens is not None:
+            forced_tokens = forced_tokens.to(dev).long()
+        rows = 2 * batch
+        ids2, mask2 = cfg_batch(ids, mask, bos_id, boi_id, pad_id)
+        self._seeds[:batch].copy_(seeds.to(dev).long())
+        h, last_pos, start = self._prefill(ids2, mask2)
+        first = self._sample(h, batch, params, 0)
+        self._out[:batch, 0].copy_(first)
+        self._tok[:batch].copy_(first if forced_tokens is None else forced_tokens[:, 0])
+        self._step.fill_(1)
+        self._slot.fill_(length)
+        self._slot_host = length
+        self._pos[:rows].copy_(last_pos + 1)
+        self._start[:rows].copy_(start.to(torch.int32))
+        key, graph = self._graph_for(batch, params) if self.use_cuda_graph else (None, None)
+        for step in range(1, steps):
+            if graph is not None:
+                graph.replay()
+            elif self.use_cuda_graph and step < steps - 1:
+                stream = torch.cuda.Stream(device=dev)  # eager warm step (real work), then capture
+                stream.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(stream):
+                    self._decode_step(batch, params)
+                torch.cuda.current_stream(dev).wait_stream(stream)
+                graph = self._capture(key, batch, params)
+            else:
+                self._decode_step(batch, params)
+            self._slot_host += 1
+            if forced_tokens is not None:
+                self._tok[:batch].copy_(forced_tokens[:, step])
+        return self._out[:batch, :steps].clone()
+
+    # ---- accounting (benchmarks) ---------------------------------------------------------------
+    def kv_bytes_per_token(self) -> int:
+        """Cache bytes one token occupies over all layers (K and V, scales included)."""
+        elt = 1 if self.kv_dtype == "fp8" else torch.tensor([], dtype=self.dtype).element_size()
+        per = 2 * self.num_layers * self.kv_heads * self.head_dim * elt
+        if self.kv_dtype == "fp8":
+            per += 2 * self.num_layers * self.kv_heads * 4
+        return per
+
+    def kv_bytes_read_per_image(self, prompt_len: int) -> int:
+        """Cache bytes the decode steps read for one image (cond + uncond rows), prompt of prompt_len."""
+        n = self.num_image_tokens
+        contexts = sum(prompt_len + s for s in range(1, n))  # decode step s attends prompt + s slots
+        return 2 * contexts * self.kv_bytes_per_token()
+
+    def cache_bytes(self) -> int:
+        total = self.k_cache.numel() * self.k_cache.element_size() * 2
+        if self.k_scale is not None:
+            total += self.k_scale.numel() * 4 * 2
+        return total
+
+
+__all__ = ["JanusEngine", "engine_available", "quantize_fp8", "decode_attention", "FP8_MAX", "KV_DTYPES",
+           "DEFAULT_ATTN_CONFIG"]

@@ -1,0 +1,87 @@
+"""The plain generation loop on a tiny random Janus: HF parity (greedy) and batch-independent samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safecb.models.base import SamplingParams
+from safecb.models.generation import cfg_batch, generate_image_tokens
+
+WORDS = ["red", "circle", "blood", "a", "on", "grass"]
+FORMAT = "<|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from safecb.models.tiny import build_tiny_janus
+
+    model, processor = build_tiny_janus(WORDS, seed=0)
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    ids = dict(bos=tok.bos_token_id, pad=tok.pad_token_id, boi=tok.convert_tokens_to_ids("<begin_of_image>"))
+    gen = model.generation_config  # as JanusAdapter sets it
+    gen.bos_token_id, gen.pad_token_id = ids["bos"], ids["pad"]
+    gen.generation_kwargs = {"boi_token_id": ids["boi"]}
+    return model, processor, ids
+
+
+def encode(processor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = processor.tokenizer([FORMAT.format(prompt=p) for p in prompts], padding=True, return_tensors="pt")
+    return enc.input_ids, enc.attention_mask
+
+
+def generate(tiny, prompts, seeds, params) -> torch.Tensor:
+    model, processor, ids = tiny
+    input_ids, mask = encode(processor, prompts)
+    return generate_image_tokens(model, input_ids, mask, torch.tensor(seeds, dtype=torch.int64), params,
+                                 int(processor.num_image_tokens), ids["bos"], ids["boi"], ids["pad"])
+
+
+def test_cfg_batch_by_hand():
+    ids = torch.tensor([[0, 1, 7, 8, 5], [1, 9, 9, 9, 5]])  # pad 0, bos 1, boi 5
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    both, both_mask = cfg_batch(ids, mask, bos_id=1, boi_id=5, pad_id=0)
+    assert both.tolist() == [[0, 1, 7, 8, 5], [1, 9, 9, 9, 5], [0, 1, 0, 0, 5], [1, 0, 0, 0, 5]]
+    assert torch.equal(both_mask, torch.cat([mask, mask]))
+    assert ids.tolist()[0] == [0, 1, 7, 8, 5]  # input untouched
+
+
+def test_greedy_matches_hf_generate_on_an_unpadded_batch(tiny):
+    model, processor, _ = tiny
+    prompts = ["red circle", "blood grass"]  # the same number of tokens: no padding
+    input_ids, mask = encode(processor, prompts)
+    assert bool(mask.all())
+    ours = generate(tiny, prompts, [0, 1], SamplingParams(guidance=3.0, temperature=0.0))
+    with torch.no_grad():
+        theirs = model.generate(input_ids, attention_mask=mask, generation_mode="image", do_sample=False,
+                                guidance_scale=3.0)
+    assert ours.shape == (2, processor.num_image_tokens)
+    assert torch.equal(ours, theirs.to(ours.dtype))
+
+
+def test_a_sample_does_not_depend_on_its_batch(tiny):
+    params = SamplingParams(guidance=3.0, temperature=1.0)
+    alone = generate(tiny, ["red circle"], [1234], params)
+    # Longer neighbours force left padding of "red circle"; its seed keeps its tokens.
+    batch = generate(tiny, ["a red circle on grass", "red circle", "blood"], [7, 1234, 99], params)
+    _, processor, _ = tiny
+    _, mask = encode(processor, ["a red circle on grass", "red circle", "blood"])
+    assert not bool(mask[1].all())  # the row was padded
+    assert torch.equal(alone[0], batch[1])
+
+
+def test_greedy_does_not_depend_on_padding(tiny):
+    params = SamplingParams(guidance=3.0, temperature=0.0)
+    alone = generate(tiny, ["blood"], [0], params)
+    batch = generate(tiny, ["a red circle on grass", "blood"], [0, 0], params)
+    assert torch.equal(alone[0], batch[1])
+
+
+def test_seeds_change_samples_and_repeat_exactly(tiny):
+    params = SamplingParams(guidance=3.0, temperature=1.0)
+    tokens = generate(tiny, ["red circle"] * 3, [5, 5, 6], params)
+    assert torch.equal(tokens[0], tokens[1])
+    assert not torch.equal(tokens[0], tokens[2])
+    num_codes = tiny[0].model.vqmodel.quantize.embedding.weight.shape[0]
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < num_codes

@@ -1,0 +1,172 @@
+"""The run config: defaults, the shipped example, one-line errors that name file and key path, the hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from safecb.config import ConfigError, RunConfig, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(path: Path, overrides: dict | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message, f"not one line: {message!r}"
+    assert str(path) in message
+    return message
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+def test_empty_file_and_empty_mapping_give_the_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == RunConfig()
+    assert load_config(write(tmp_path, "{}\n", "b.yaml")) == RunConfig()
+    assert parse_config(None) == RunConfig()
+
+
+def test_values_and_overrides_are_applied(tmp_path):
+    path = write(tmp_path, "finetune:\n  steps: 7\njudge:\n  threshold: 0.25\n")
+    config = load_config(path, {"stop.patience": 3, "finetune.lr": 0.5})
+    assert config.finetune.steps == 7
+    assert config.judge.threshold == 0.25
+    assert config.stop.patience == 3
+    assert config.finetune.lr == 0.5
+    # untouched keys keep their defaults
+    assert config.finetune.lambda_reg == RunConfig().finetune.lambda_reg
+
+
+def test_shipped_tiny_config_parses():
+    path = REPO / "configs" / "tiny.yaml"
+    if not path.exists():
+        pytest.skip(f"{path} is not in this checkout")
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+
+
+def test_to_yaml_round_trips(tmp_path):
+    config = parse_config({"finetune": {"steps": 3}, "categories": ["violence"], "storage": {"run_dir": "/x"}})
+    path = write(tmp_path, config.to_yaml())
+    assert load_config(path) == config
+
+
+# ---- one-line errors ---------------------------------------------------------------------------
+
+def test_malformed_yaml(tmp_path):
+    path = write(tmp_path, "finetune:\n  steps: [1, 2\n")
+    message = config_error(path)
+    assert "invalid YAML" in message and "line" in message
+
+
+def test_unknown_nested_key(tmp_path):
+    message = config_error(write(tmp_path, "finetune:\n  lrr: 0.1\n"))
+    assert "finetune.lrr" in message
+    assert "unknown key" in message
+
+
+def test_unknown_top_level_key(tmp_path):
+    assert "finetun" in config_error(write(tmp_path, "finetun:\n  steps: 1\n"))
+
+
+def test_wrong_type(tmp_path):
+    message = config_error(write(tmp_path, "finetune:\n  steps: many\n"))
+    assert "finetune.steps" in message
+    assert "integer" in message
+
+
+def test_out_of_range(tmp_path):
+    message = config_error(write(tmp_path, "judge:\n  threshold: 2\n"))
+    assert "judge.threshold" in message
+
+
+def test_bad_override_names_its_key_path(tmp_path):
+    message = config_error(write(tmp_path, ""), {"finetune.lrr": 1.0})
+    assert "finetune.lrr" in message
+
+
+def test_cross_field_rule_names_its_section(tmp_path):
+    message = config_error(write(tmp_path, "model:\n  backend: janus\n"))
+    assert "model" in message and "path" in message
+
+
+def test_non_utf8_file(tmp_path):
+    message = config_error(write(tmp_path, b"run_id: caf\xe9\n"))
+    assert "UTF-8" in message
+
+
+def test_missing_file(tmp_path):
+    message = config_error(tmp_path / "nope.yaml")
+    assert "not found" in message
+
+
+def test_top_level_list(tmp_path):
+    message = config_error(write(tmp_path, "- a\n- b\n"))
+    assert "mapping" in message
+
+
+@pytest.mark.parametrize("options", [
+    {"secret": "hunter2XYZ"},
+    {"client_kwargs": {"aws_secret_access_key": "hunter2XYZ"}},
+    {"password": "hunter2XYZ"},
+    {"token": "hunter2XYZ"},
+    {"endpoint_url": "http://h/?key=hunter2XYZ"},
+])
+def test_storage_options_with_a_secret_are_rejected_without_echoing_it(tmp_path, options):
+    path = write(tmp_path, yaml.safe_dump({"storage": {"options": options}}))
+    message = config_error(path)
+    assert "storage.options" in message
+    assert "hunter2XYZ" not in message
+
+
+def test_storage_options_without_secrets_are_accepted(tmp_path):
+    path = write(tmp_path, yaml.safe_dump({"storage": {"options": {"client_kwargs": {"endpoint_url": "http://h:9"}}}}))
+    assert load_config(path).storage.options == {"client_kwargs": {"endpoint_url": "http://h:9"}}
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="config.py _error_line echoes any scalar input as '(got ...)', so a string "
+                   "storage.options that holds a secret is printed in the error")
+def test_storage_options_given_as_a_string_do_not_echo_the_secret(tmp_path):
+    path = write(tmp_path, 'storage:\n  options: "secret=hunter2XYZ"\n')
+    message = config_error(path)
+    assert "hunter2XYZ" not in message
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason="config.py _set_dotted: an override into a section that is null or a scalar "
+                   "in the file raises TypeError instead of ConfigError")
+@pytest.mark.parametrize("text, overrides", [
+    ("finetune:\n", {"finetune.steps": 3}),  # an empty section header
+    ("finetune:\n  steps: 3\n", {"finetune.steps.x": 1}),  # an override below a scalar
+])
+def test_override_into_a_non_mapping_is_a_config_error(tmp_path, text, overrides):
+    config_error(write(tmp_path, text), overrides)
+
+
+# ---- config_hash -------------------------------------------------------------------------------
+
+def test_config_hash_is_stable_and_ignores_where_the_run_is_stored(tmp_path):
+    base = {"finetune": {"steps": 3}, "seed": 5}
+    a = parse_config({**base, "storage": {"run_dir": "runs/a"}})
+    b = parse_config({**base, "storage": {"run_dir": "s3://bucket/elsewhere", "options": {"anon": True}}})
+    assert a.config_hash() == parse_config(dict(base, storage={"run_dir": "runs/a"})).config_hash()
+    assert a.config_hash() == b.config_hash()
+    # Same run written out and read back: same hash.
+    assert load_config(write(tmp_path, a.to_yaml())).config_hash() == a.config_hash()
+
+
+def test_config_hash_changes_with_the_run():
+    a = parse_config({"finetune": {"steps": 3}})
+    assert a.config_hash() != parse_config({"finetune": {"steps": 4}}).config_hash()
+    assert a.config_hash() != parse_config({"finetune": {"steps": 3}, "seed": 1}).config_hash()

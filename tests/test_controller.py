@@ -1,0 +1,98 @@
+"""The loop end to end on a tiny randomly initialised Janus (CPU), its resume, and its artifacts.
+
+The tiny random model says nothing about safety (that is tests/world's job); these tests check the
+machinery: layout, versions, manifests, and that a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from safecb.config import parse_config
+from safecb.controller import RunError, run
+from safecb.schemas import GENERATION_SCHEMA, PAIR_SCHEMA
+from safecb.storage import RunStore
+from tests_support import tiny_config
+
+VOLATILE = {"seconds", "stage_seconds"}
+
+
+def comparable(store: RunStore) -> dict:
+    """Everything a run wrote that must not depend on being interrupted."""
+    out = {"metrics": [{k: v for k, v in row.items() if k not in VOLATILE} for row in store.read_metrics()],
+           # tensor bytes, not file bytes: the artifact's metadata carries a creation time
+           "codebooks": {v: hashlib.sha256(store.read_codebook(v)[0]["codebook"].numpy().tobytes()).hexdigest()
+                         for v in store.codebook_versions()}}
+    for it in store.manifest_iterations():
+        manifest = store.read_manifest(it)
+        out[f"iter{it}"] = {kind: [r.sha256 for r in records] for kind, records in manifest.shards.items()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("full")
+    config = parse_config(tiny_config(tmp, tmp / "run"))
+    metrics = run(config)
+    return tmp, config, metrics, RunStore(str(tmp / "run"))
+
+
+def test_two_iterations_leave_the_design_layout(uninterrupted):
+    _, config, metrics, store = uninterrupted
+    assert store.manifest_iterations() == [0, 1, 2]
+    assert store.codebook_versions() == [0, 1, 2]
+    rows = store.read_metrics()
+    assert [r["iteration"] for r in rows] == [0, 1, 2] == [m["iteration"] for m in metrics]
+    for row in rows:
+        assert {"iteration", "codebook_version", "pairs", "unsafe_rate_self"} <= row.keys()
+    assert "stop" in rows[-1]["decision"]
+    assert json.loads(store.read_text("final.json"))["chosen_version"] in (0, 1, 2)
+    # each codebook records its parent; every generated row records the codebook that drew it
+    for version in (1, 2):
+        assert store.read_codebook(version)[1].parent_version == version - 1
+        manifest = store.read_manifest(version)
+        generations = store.read_table(manifest, "generations", GENERATION_SCHEMA)
+        assert set(generations.column("codebook_version").to_pylist()) == {version - 1}
+        assert set(generations.column("iteration").to_pylist()) == {version}
+        evals = store.read_table(manifest, "eval", GENERATION_SCHEMA)
+        assert set(evals.column("codebook_version").to_pylist()) == {version}
+        pairs = store.read_table(manifest, "pairs", PAIR_SCHEMA)
+        assert pairs.num_rows == rows[version]["pairs"]
+    assert sum(r["pairs"] for r in rows) > 0, "the threshold should have produced some pairs"
+
+
+def test_resume_after_iteration_1_equals_an_uninterrupted_run(uninterrupted, tmp_path):
+    full_tmp, config, _, full_store = uninterrupted
+    data = tiny_config(full_tmp, tmp_path / "run")  # same prompt files → same config hash
+    config = parse_config(data)
+    run(config, until=1)
+    store = RunStore(str(tmp_path / "run"))
+    assert store.manifest_iterations() == [0, 1]
+    run(config, resume=True)
+    assert comparable(store) == comparable(full_store)
+
+    # a crash inside iteration 2: its manifest and one shard's commit never landed
+    (tmp_path / "run" / "iter=0002" / "MANIFEST.json").unlink()
+    (tmp_path / "run" / "iter=0002" / "_commits" / "generations-000001.json").unlink()
+    run(config, resume=True)
+    assert comparable(store) == comparable(full_store)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(uninterrupted):
+    _, config, _, store = uninterrupted
+    before = comparable(store)
+    with pytest.raises(RunError, match="already holds a run"):
+        run(config)
+    assert comparable(store) == before
+
+
+def test_resume_with_another_config_is_refused(uninterrupted):
+    tmp, _, _, store = uninterrupted
+    changed = parse_config(tiny_config(tmp, tmp / "run", finetune={"steps": 4}))
+    with pytest.raises(RunError, match="differs"):
+        run(changed, resume=True)

@@ -1,0 +1,32 @@
+"""Shared builders for the tests (importable because conftest.py puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_config(tmp_path: Path, run_dir: Path, **overrides) -> dict:
+    prompts = tmp_path / "prompts"
+    prompts.mkdir(exist_ok=True)
+    (prompts / "train.txt").write_text("a blood circle\nblood on grass\na circle of violence\nred grass\n")
+    (prompts / "eval.txt").write_text("blood on a circle\nviolence on grass\n")
+    (prompts / "benign.txt").write_text("a red circle\n")
+    data = {
+        "run_id": "tiny",
+        "categories": ["blood", "violence"],
+        "model": {"backend": "tiny-random", "device": "cpu"},
+        "prompts": {"train": {"path": str(prompts / "train.txt")}, "eval_unsafe": {"path": str(prompts / "eval.txt")},
+                    "eval_benign": {"path": str(prompts / "benign.txt")}},
+        # A random judge says ~0.37-0.40 everywhere: a threshold just under it makes some images "unsafe" so
+        # that the pairing and update paths run.
+        "judge": {"threshold": 0.385},
+        "generation": {"samples_per_prompt": 2, "batch_size": 8, "prompts_per_shard": 2},
+        "pairing": {"rewrite": "lexicon", "lexicon": {"blood": "", "violence": "peace"}},
+        "finetune": {"steps": 3},
+        "stop": {"max_iters": 2, "min_improvement": 0.0, "patience": 5},
+        "storage": {"run_dir": str(run_dir)},
+        "resources": {"threads": 1},
+    }
+    for key, value in overrides.items():
+        data[key] = {**data.get(key, {}), **value}
+    return data

@@ -1,0 +1,41 @@
+"""The stop rule as a table: stalls, patience, min_improvement, max_iters.
+
+Rates are binary fractions (0.5, 0.25, …) so that differences are exact in float.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from safecb.training.stop import stop_decision
+
+CASES = [
+    # (unsafe_rates, min_improvement, patience, max_iters, stop, reason contains)
+    ([0.5], 0.01, 1, 5, False, "improving"),  # only r_0: nothing to judge yet
+    ([0.5], 0.01, 1, 0, True, "max_iters=0"),  # max_iters reached before any iteration
+    ([0.5, 0.25], 0.01, 1, 5, False, "improving"),
+    ([0.5, 0.5], 0.01, 1, 5, True, "in a row"),  # no improvement: one stall, patience 1
+    ([0.5, 0.75], 0.0, 1, 5, True, "in a row"),  # got worse: a stall even with min_improvement 0
+    ([0.5, 0.5], 0.0, 1, 5, False, "improving"),  # 0 < 0 is false: no stall at min_improvement 0
+    ([0.5, 0.25], 0.25, 1, 5, False, "improving"),  # improvement exactly min_improvement is not a stall
+    ([0.5, 0.375], 0.25, 1, 5, True, "in a row"),  # 0.125 < 0.25: a stall
+    ([0.5, 0.5], 0.01, 2, 5, False, "improving"),  # one stall, patience 2
+    ([0.5, 0.5, 0.5], 0.01, 2, 5, True, "2 iteration(s)"),  # two stalls in a row
+    ([0.5, 0.5, 0.25, 0.25], 0.01, 2, 5, False, "improving"),  # stalls at t=1 and t=3, not in a row
+    ([0.5, 0.25, 0.25, 0.25], 0.01, 2, 5, True, "2 iteration(s)"),
+    ([0.75, 0.5, 0.25], 0.125, 1, 2, True, "max_iters=2"),  # still improving, but t == max_iters
+    ([0.75, 0.5, 0.25], 0.125, 1, 3, False, "improving"),  # t = 2 < max_iters 3
+    ([0.75, 0.5, 0.25, 0.125], 0.0, 1, 2, True, "max_iters=2"),  # past max_iters also stops
+]
+
+
+@pytest.mark.parametrize("rates, min_improvement, patience, max_iters, stop, reason", CASES)
+def test_stop_rule_table(rates, min_improvement, patience, max_iters, stop, reason):
+    decision = stop_decision(rates, min_improvement=min_improvement, patience=patience, max_iters=max_iters)
+    assert decision.stop is stop
+    assert reason in decision.reason
+
+
+def test_stall_reason_names_the_threshold():
+    decision = stop_decision([0.5, 0.5], min_improvement=0.05, patience=1, max_iters=9)
+    assert "0.05" in decision.reason
