@@ -151,6 +151,9 @@ class FinetuneConfig(Section):
     quality_budget: Positive = 0.02  # max held-out keep-loss drift before early stop
     holdout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     train_generation_embeddings: bool = False
+    # "torch": plain Adam in-process (fast start, the embedded default); "deepspeed": the same step
+    # run by a DeepSpeed engine (gloo on CPU, NCCL on GPUs), data-parallel when launched on several ranks.
+    backend: Literal["torch", "deepspeed"] = "torch"
     zero_stage: int = Field(0, ge=0, le=3)  # DeepSpeed ZeRO stage; 3 only where the decoder doesn't fit
 
 

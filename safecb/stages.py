@@ -15,7 +15,7 @@ import torch
 from safecb.config import RunConfig
 from safecb.models.base import SamplingParams, UnifiedModel
 from safecb.prompts import Prompt
-from safecb.training.finetune import adaptive_step_scale, finetune_codebook
+from safecb.training.finetune import TorchAdam, adaptive_step_scale, finetune_codebook
 from safecb.training.harmful_space import aligned_differences, harm_scores, harmful_space
 from safecb.training.projection import code_step_sizes, project_codebook, safe_mean
 
@@ -181,6 +181,11 @@ def update_codebook(model: UnifiedModel, codebook: torch.Tensor, codebook_v0: to
         with torch.no_grad():
             keep_targets = _decode_batched(model, keep_tokens, codebook_v0)
             harm_targets = _decode_batched(model, safe_tokens, codebook_v0) if ft.harm_target == "pair" else None
+        make_stepper = TorchAdam
+        if ft.backend == "deepspeed":
+            from safecb.training.deepspeed_engine import deepspeed_stepper
+
+            make_stepper = deepspeed_stepper(zero_stage=ft.zero_stage)
         harm_fn = None
         if ft.harm_target == "judge":
             def harm_fn(images: torch.Tensor) -> torch.Tensor:
@@ -189,7 +194,8 @@ def update_codebook(model: UnifiedModel, codebook: torch.Tensor, codebook_v0: to
             model.decode, projected, keep_tokens, keep_targets, harm_tokens, harm_targets, space,
             adaptive_step_scale(scores.score, scores.harmful, ft.adaptive_beta),
             steps=ft.steps, lr=ft.lr, lambda_harm=ft.lambda_harm, lambda_reg=ft.lambda_reg, batch_size=ft.batch_size,
-            quality_budget=ft.quality_budget, holdout_fraction=ft.holdout_fraction, harm_fn=harm_fn, seed=config.seed)
+            quality_budget=ft.quality_budget, holdout_fraction=ft.holdout_fraction, harm_fn=harm_fn, seed=config.seed,
+            make_stepper=make_stepper)
         new = result.codebook.detach()
         last = result.history[-1] if result.history else {}
         report.update({"finetune_steps": result.steps_run, "finetune_stopped_early": result.stopped_early,

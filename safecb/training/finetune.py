@@ -13,12 +13,33 @@ drifted past its budget. The decoder is frozen; only the codebook (K, D) is a pa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from safecb.training.harmful_space import HarmfulSpace
+
+class Stepper(Protocol):
+    """One optimiser step from a loss: plain torch Adam here, a DeepSpeed engine in
+    `safecb.training.deepspeed_engine` (same math, data-parallel, ZeRO when asked)."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+
+class TorchAdam:
+    def __init__(self, param: torch.nn.Parameter, lr: float):
+        self.optimizer = torch.optim.Adam([param], lr=lr)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens (B, N), codebook (K, D)) → (B, 3, H, W)
 HarmFn = Callable[[torch.Tensor], torch.Tensor]  # images (B, 3, H, W) → P(unsafe) (B,)
@@ -62,6 +83,7 @@ def finetune_codebook(
     harm_fn: HarmFn | None = None,
     seed: int = 0,
     on_step: Callable[[int, dict], None] | None = None,
+    make_stepper: Callable[[torch.nn.Parameter, float], Stepper] = TorchAdam,
 ) -> FinetuneResult:
     """Fine-tune the codebook; returns the best state within the quality budget.
 
@@ -78,7 +100,7 @@ def finetune_codebook(
 
     codebook = torch.nn.Parameter(codebook_proj.detach().clone())
     anchor = codebook_proj.detach()
-    optimizer = torch.optim.Adam([codebook], lr=lr)
+    stepper = make_stepper(codebook, lr)
     scale = step_scale.to(codebook.dtype)[:, None]  # (K, 1)
 
     def holdout_loss() -> float:
@@ -106,9 +128,8 @@ def finetune_codebook(
         loss = loss_keep + lambda_harm * loss_harm + lambda_reg * loss_reg
 
         before = codebook.detach().clone()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        stepper.backward(loss)
+        stepper.step()
         with torch.no_grad():  # the update, projected out of the Harmful Space, scaled per code
             delta = codebook - before  # (K, D)
             codebook.copy_(before + scale * space.project_out(delta))
