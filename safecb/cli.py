@@ -61,6 +61,30 @@ def run(
         _fail(err)
 
 
+@app.command("eval")
+def evaluate(
+    config: Path = typer.Option(..., "--config", "-c", help="The run's config (YAML)."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="The run folder or URL (overrides storage.run_dir)."),
+    version: Optional[int] = typer.Option(None, "--version", min=0, help="Codebook version (default: the run's final choice, else the latest)."),
+) -> None:
+    """Evaluate one codebook version of a run on the config's fixed eval prompts and print one JSON
+    object (self-judged unsafe rate; with the world model also the external judge and fidelity)."""
+    try:
+        cfg = _load(config, run_dir)
+        from safecb.controller import Controller
+
+        controller = Controller(cfg, console)
+        if version is None:
+            store = controller.store
+            if store.exists("final.json"):
+                version = json.loads(store.read_text("final.json"))["chosen_version"]
+            else:
+                version = (store.codebook_versions() or [0])[-1]
+        typer.echo(json.dumps(controller.evaluate_version(version)))
+    except _expected_errors() as err:
+        _fail(err)
+
+
 @app.command()
 def report(
     run_dir: str = typer.Argument(..., help="The run folder or URL."),

@@ -68,9 +68,11 @@ class Controller:
         self._eval_tokens: torch.Tensor | None = None
 
     # ---- set-up: everything that can fail on bad input fails here, before the first write ----
-    def prepare(self, resume: bool) -> None:
+    def prepare(self, resume: bool, must_exist: bool = False) -> None:
         config = self.config
         self.store.check_reachable()
+        if must_exist and not self.store.manifest_iterations():
+            raise RunError(f"{self.store.url}: no finished iteration here (expected a safecb run folder)")
         if config.resources.threads:
             torch.set_num_threads(config.resources.threads)
         self.train_prompts = load_prompts(config.prompts.train, "prompts.train")
@@ -184,7 +186,7 @@ class Controller:
                     jobs.append((p, k, sample_seed(self.config.generation.seed, "eval", p.prompt_id, k), split))
         return jobs
 
-    def _evaluate(self, iteration: int, version: int) -> tuple[dict, list[ShardRecord]]:
+    def _evaluate(self, iteration: int, version: int) -> tuple[dict, list[dict]]:
         """Fixed eval prompts that never feed pairs. Tokens do not depend on the codebook (the
         generator never reads it), so they are drawn once per process; only decode + judge repeat."""
         jobs = self._eval_jobs()
@@ -225,12 +227,12 @@ class Controller:
                          "prompt_id": p.prompt_id, "prompt": p.text, "sample_index": k, "seed": seed,
                          "tokens": self._eval_tokens[i].tolist(), "unsafe_probs": probs[i].tolist(),
                          "max_unsafe_prob": top, "unsafe": top >= threshold, "role": "eval", "png": None})
-        record = self.store.write_shard(iteration, "eval", 0, table_from_rows(GENERATION_SCHEMA, rows))
-        return metrics, [record]
+        return metrics, rows
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _finish_iteration(self, state: LoopState, iteration: int, shards: dict, extra: dict) -> None:
-        eval_metrics, eval_records = self._evaluate(iteration, self.model.codebook_version)
+        eval_metrics, eval_rows = self._evaluate(iteration, self.model.codebook_version)
+        eval_records = [self.store.write_shard(iteration, "eval", 0, table_from_rows(GENERATION_SCHEMA, eval_rows))]
         row = {"iteration": iteration, "codebook_version": iteration, **{k: extra[k] for k in ("pairs",) if k in extra},
                **eval_metrics, **{k: v for k, v in extra.items() if k != "pairs"}}
         history = [m[self._target_metric()] for m in state.metrics] + [row[self._target_metric()]]
@@ -301,6 +303,15 @@ class Controller:
         for m in metrics:
             table.add_row(*(str(m.get(c, "")) for c in columns))
         self.console.print(table)
+
+
+    def evaluate_version(self, version: int) -> dict:
+        """Evaluate a stored codebook version of this run on the eval prompts. Writes nothing."""
+        self.prepare(resume=True, must_exist=True)
+        if version not in self.store.codebook_versions():
+            raise RunError(f"{self.store.url}: no codebook v{version:04d} (have {self.store.codebook_versions()})")
+        self.model.set_codebook(self.store.read_codebook(version)[0]["codebook"], version)
+        return {"codebook_version": version, **self._evaluate(version, version)[0]}
 
 
 def run(config: RunConfig, resume: bool = False, until: int | None = None, console: Console | None = None) -> list[dict]:

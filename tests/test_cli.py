@@ -11,6 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from safecb.cli import app
+from safecb.storage import RunStore
 
 runner = CliRunner()
 
@@ -38,7 +39,7 @@ def assert_one_line_failure(result, *needles: str) -> None:
         assert needle in lines[0], (needle, lines[0])
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["report"], ["world"], ["world", "train"], ["world", "eval"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["eval"], ["report"], ["world"], ["world", "train"], ["world", "eval"]])
 def test_every_command_explains_itself(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
@@ -109,12 +110,22 @@ def test_the_installed_command_exits_non_zero(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "judge.threshold" in proc.stderr
 
 
-def test_report_of_a_run(tmp_path):
+def test_report_and_eval_of_a_run(tmp_path):
     from tests_support import tiny_config
     from safecb.config import parse_config
     from safecb.controller import run
 
-    run(parse_config(tiny_config(tmp_path, tmp_path / "run", stop={"max_iters": 1})))
+    data = tiny_config(tmp_path, tmp_path / "run", stop={"max_iters": 1})
+    run(parse_config(data))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(data))
+    evaluated = runner.invoke(app, ["eval", "--config", str(config), "--version", "1"])
+    assert evaluated.exit_code == 0, evaluated.output
+    row = yaml.safe_load(evaluated.stdout.strip().splitlines()[-1])
+    stored = [m for m in RunStore(str(tmp_path / "run")).read_metrics() if m["iteration"] == 1][0]
+    assert row["codebook_version"] == 1 and row["unsafe_rate_self"] == stored["unsafe_rate_self"]
+    absent = runner.invoke(app, ["eval", "--config", str(config), "--version", "7"])
+    assert_one_line_failure(absent, "no codebook v0007")
     result = runner.invoke(app, ["report", str(tmp_path / "run"), "--json"])
     assert result.exit_code == 0
     assert [yaml.safe_load(line)["iteration"] for line in result.stdout.splitlines()] == [0, 1]
