@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -177,11 +178,28 @@ class StorageConfig(Section):
     @field_validator("options")
     @classmethod
     def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
-        flat = json.dumps(value).lower()
-        for word in ("secret", "password", "token", "key="):
-            if word in flat:
-                raise ValueError("must not hold credentials: pass them through the environment")
+        if _secret_keys(value):
+            raise ValueError("must not hold credentials (keys like 'key', 'secret', 'token', 'password'): "
+                             "pass them through the environment")
         return value
+
+
+def _secret_keys(value: Any) -> list[str]:
+    """Names of keys anywhere in `value` that look like credentials."""
+    found = []
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            name = str(key).lower()
+            if name in ("key", "secret", "token") or any(w in name for w in ("secret", "password", "token", "_key",
+                                                                            "credential")):
+                found.append(str(key))
+            found += _secret_keys(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            found += _secret_keys(inner)
+    elif isinstance(value, str) and re.search(r"(key|secret|token|password|signature)=|://[^/@\s]+:[^/@\s]+@", value, re.I):
+        found.append("<value>")  # a credential inside a URL or query string
+    return found
 
 
 class ResourcesConfig(Section):
@@ -224,7 +242,9 @@ def _error_line(source: str, err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"{source}: {path}: unknown key"
     got = first.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    # Values under storage may be credentials: never echo them.
+    hidden = isinstance(got, (dict, list)) or got is None or path.startswith("storage")
+    shown = "" if hidden else f" (got {got!r})"
     message = first["msg"].removeprefix("Value error, ")
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
     return f"{source}: {path}: {message}{shown}{more}"
@@ -262,14 +282,19 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for dotted, value in (overrides or {}).items():
-        data = _set_dotted(data or {}, dotted, value)
+        data = _set_dotted(data or {}, dotted, value, str(path))
     return parse_config(data, str(path))
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> dict:
+def _set_dotted(data: dict, dotted: str, value: Any, source: str = "<config>") -> dict:
     node = data
     parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    for depth, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{source}: {where}: is a value, cannot set {dotted} inside it")
     node[parts[-1]] = value
     return data

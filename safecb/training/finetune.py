@@ -136,8 +136,8 @@ def finetune_codebook(
         steps_run = step + 1
 
         drift = holdout_loss() - start
-        record = {"step": steps_run, "loss": float(loss), "keep": float(loss_keep), "harm": float(loss_harm),
-                  "reg": float(loss_reg), "holdout_drift": drift}
+        record = {"step": steps_run, "loss": float(loss.detach()), "keep": float(loss_keep.detach()), "harm": float(loss_harm.detach()),
+                  "reg": float(loss_reg.detach()), "holdout_drift": drift}
         history.append(record)
         if on_step:
             on_step(steps_run, record)

@@ -12,6 +12,15 @@ WORDS = ["red", "circle", "blood", "a", "on", "grass"]
 FORMAT = "<|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP spin-waiting makes 2 threads far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from safecb.models.tiny import build_tiny_janus
@@ -60,8 +69,11 @@ def test_greedy_matches_hf_generate_on_an_unpadded_batch(tiny):
     assert torch.equal(ours, theirs.to(ours.dtype))
 
 
-def test_a_sample_does_not_depend_on_its_batch(tiny):
-    params = SamplingParams(guidance=3.0, temperature=1.0)
+# The random tiny model's logits are nearly flat: at T = 1 the noise decides, at T = 0.02 the logits
+# decide about 2/3 of the tokens, so a padding-induced change in the logits would show.
+@pytest.mark.parametrize("temperature", [1.0, 0.02])
+def test_a_sample_does_not_depend_on_its_batch(tiny, temperature):
+    params = SamplingParams(guidance=3.0, temperature=temperature)
     alone = generate(tiny, ["red circle"], [1234], params)
     # Longer neighbours force left padding of "red circle"; its seed keeps its tokens.
     batch = generate(tiny, ["a red circle on grass", "red circle", "blood"], [7, 1234, 99], params)

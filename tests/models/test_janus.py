@@ -1,0 +1,230 @@
+"""The Janus adapter on a tiny random Janus: decode, judge, codebook swap, folder loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from safecb.models.base import ModelLoadError
+from safecb.models.janus import JanusAdapter, resolve_model_folder
+
+WORDS = ["red", "circle", "blood", "a", "on", "grass"]
+QUESTION = "Does this image contain {category} content?"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP spin-waiting makes 2 threads far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def built():
+    from safecb.models.tiny import build_tiny_janus
+
+    return build_tiny_janus(WORDS, seed=0)
+
+
+@pytest.fixture
+def adapter(built):
+    model, processor = built
+    adapter = JanusAdapter(model, processor)
+    original = adapter.get_codebook()
+    yield adapter
+    adapter.set_codebook(original, 0)  # the model is shared by the module's tests
+
+
+@pytest.fixture(scope="module")
+def saved_folder(built, tmp_path_factory):
+    from safecb.models.tiny import save_model_folder
+
+    return save_model_folder(*built, tmp_path_factory.mktemp("tiny") / "model")
+
+
+def random_tokens(adapter: JanusAdapter, batch: int, seed: int = 0) -> torch.Tensor:
+    num_codes = adapter.get_codebook().shape[0]
+    return torch.randint(num_codes, (batch, adapter.num_image_tokens), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- decode ------------------------------------------------------------------------------------
+
+def test_decode_shape_and_range(adapter):
+    images = adapter.decode(random_tokens(adapter, 3))
+    assert images.shape == (3, 3, 32, 32)
+    assert images.dtype == torch.float32
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    assert float(images.std()) > 0  # not a constant image
+
+
+def test_decode_uses_the_given_codebook_and_its_directions_only(adapter):
+    tokens = random_tokens(adapter, 2)
+    codebook = adapter.get_codebook()
+    assert torch.equal(adapter.decode(tokens, codebook), adapter.decode(tokens))
+    # The decoder sees ĉ = c/|c|: scaling every row by a positive number changes nothing …
+    assert torch.allclose(adapter.decode(tokens, 3.0 * codebook), adapter.decode(tokens), atol=1e-5)
+    # … while another codebook does change the image.
+    other = torch.randn(codebook.shape, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(adapter.decode(tokens, other), adapter.decode(tokens), atol=1e-3)
+
+
+def test_decode_is_differentiable_wrt_the_codebook(adapter):
+    tokens = random_tokens(adapter, 2)[:, :16].repeat(1, 4)  # 16 distinct positions' codes, repeated
+    codebook = adapter.get_codebook().requires_grad_(True)
+    images = adapter.decode(tokens, codebook)
+    assert images.requires_grad
+    images.square().sum().backward()
+    grad = codebook.grad  # (K, D)
+    used = torch.zeros(codebook.shape[0], dtype=torch.bool)
+    used[tokens.unique()] = True
+    assert grad[used].abs().sum() > 0
+    assert torch.equal(grad[~used], torch.zeros_like(grad[~used]))  # only the used codes get a gradient
+    # The model's own weights stay frozen.
+    assert not any(p.requires_grad for p in adapter.model.parameters())
+
+
+# ---- judge -------------------------------------------------------------------------------------
+
+def test_judge_shape_range_and_batch_independence(adapter):
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    categories = ["blood", "grass"]
+    probs = adapter.judge(images, categories, QUESTION)
+    assert probs.shape == (3, 2)
+    assert bool(((probs > 0) & (probs < 1)).all())
+    for i in range(3):
+        alone = adapter.judge(images[i:i + 1], categories, QUESTION)
+        assert torch.allclose(alone[0], probs[i], atol=1e-5)
+    reordered = adapter.judge(images.flip(0), categories, QUESTION)
+    assert torch.allclose(reordered.flip(0), probs, atol=1e-5)
+
+
+def test_judge_category_does_not_depend_on_the_other_categories(adapter):
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    alone = adapter.judge(images, ["blood"], QUESTION)  # (2, 1)
+    # "red circle" is two tokens: the "blood" question is left-padded in this call.
+    together = adapter.judge(images, ["red circle", "blood"], QUESTION)  # (2, 2)
+    assert torch.allclose(together[:, 1:], alone, atol=1e-5)
+
+
+def test_judge_depends_on_the_image_and_is_differentiable(adapter):
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    probs = adapter.judge(images, ["blood"], QUESTION)
+    probs.sum().backward()
+    assert images.grad is not None and float(images.grad.abs().sum()) > 0
+
+
+def test_judge_resizes_other_image_sizes(adapter):
+    probs = adapter.judge(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), ["blood"], QUESTION)
+    assert probs.shape == (2, 1)
+
+
+# ---- codebook ----------------------------------------------------------------------------------
+
+def test_set_and_get_codebook_round_trip(adapter):
+    tokens = random_tokens(adapter, 1)
+    new = torch.randn(adapter.get_codebook().shape, generator=torch.Generator().manual_seed(4))
+    adapter.set_codebook(new, version=3)
+    assert adapter.codebook_version == 3
+    assert torch.equal(adapter.get_codebook(), new)
+    assert torch.equal(adapter.decode(tokens), adapter.decode(tokens, new))
+    # get_codebook is a copy: editing it does not change the model.
+    copy = adapter.get_codebook()
+    copy += 1.0
+    assert torch.equal(adapter.get_codebook(), new)
+
+
+def test_set_codebook_with_the_wrong_shape_is_refused(adapter):
+    before = adapter.get_codebook()
+    version = adapter.codebook_version
+    with pytest.raises(ValueError, match="shape"):
+        adapter.set_codebook(torch.zeros(before.shape[0] + 1, before.shape[1]), version=9)
+    with pytest.raises(ValueError, match="shape"):
+        adapter.set_codebook(torch.zeros(before.shape[1], before.shape[0]), version=9)
+    assert adapter.codebook_version == version
+    assert torch.equal(adapter.get_codebook(), before)
+
+
+def test_generate_tokens_checks_seed_count(adapter):
+    from safecb.models.base import SamplingParams
+
+    with pytest.raises(ValueError):
+        adapter.generate_tokens(["red circle", "blood"], [1], SamplingParams())
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+def test_from_folder_loads_a_saved_model(built, saved_folder):
+    model, processor = built
+    loaded = JanusAdapter.from_folder(saved_folder, device="cpu")
+    original = JanusAdapter(model, processor)
+    assert loaded.num_image_tokens == original.num_image_tokens == 64
+    assert torch.equal(loaded.get_codebook(), original.get_codebook())
+    tokens = random_tokens(original, 2)
+    assert torch.allclose(loaded.decode(tokens), original.decode(tokens), atol=1e-6)
+    assert (loaded.bos_id, loaded.boi_id, loaded.pad_id) == (original.bos_id, original.boi_id, original.pad_id)
+    # resolve_model_folder accepts the folder and a file:// URL for it.
+    assert resolve_model_folder(str(saved_folder)) == saved_folder
+    assert resolve_model_folder(f"file://{saved_folder}") == saved_folder
+
+
+def load_error(folder) -> str:
+    with pytest.raises(ModelLoadError) as info:
+        JanusAdapter.from_folder(folder, device="cpu")
+    message = str(info.value)
+    assert "\n" not in message, f"not one line: {message!r}"
+    assert str(folder) in message
+    return message
+
+
+def test_missing_folder(tmp_path):
+    assert "no such folder" in load_error(tmp_path / "absent")
+
+
+def test_folder_without_config(tmp_path, saved_folder):
+    folder = tmp_path / "noconfig"
+    folder.mkdir()
+    shutil.copy(saved_folder / "model.safetensors", folder / "model.safetensors")
+    assert "config.json" in load_error(folder)
+
+
+def test_folder_with_only_pytorch_model_bin(tmp_path):
+    folder = tmp_path / "binonly"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    assert "config.json" in load_error(folder)
+
+
+def test_folder_with_config_and_pytorch_model_bin_only(tmp_path, saved_folder):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    shutil.copy(saved_folder / "config.json", folder / "config.json")
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    assert "safetensors" in load_error(folder)
+
+
+def test_folder_of_another_model_type(tmp_path, saved_folder):
+    folder = tmp_path / "llama"
+    shutil.copytree(saved_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "llama"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert "janus" in load_error(folder)
+
+
+def test_folder_with_broken_config_json(tmp_path, saved_folder):
+    folder = tmp_path / "broken"
+    shutil.copytree(saved_folder, folder)
+    (folder / "config.json").write_text("{not json")
+    assert "config.json" in load_error(folder)
+
+
+def test_folder_with_truncated_weights(tmp_path, saved_folder):
+    folder = tmp_path / "truncated"
+    shutil.copytree(saved_folder, folder)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 16)
+    load_error(folder)
