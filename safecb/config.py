@@ -155,7 +155,9 @@ class FinetuneConfig(Section):
     # "torch": plain Adam in-process (fast start, the embedded default); "deepspeed": the same step
     # run by a DeepSpeed engine (gloo on CPU, NCCL on GPUs), data-parallel when launched on several ranks.
     backend: Literal["torch", "deepspeed"] = "torch"
-    zero_stage: int = Field(0, ge=0, le=3)  # DeepSpeed ZeRO stage; 3 only where the decoder doesn't fit
+    # DeepSpeed ZeRO stage 0-2. Stage 3 partitions parameters, and the codebook is one (K, D) tensor
+    # that every rank needs whole for the update projection; the frozen decoder is not trained here.
+    zero_stage: int = Field(0, ge=0, le=2)
 
 
 class EvalConfig(Section):

@@ -112,7 +112,7 @@ def test_single_rank_group_fills_only_unset_env(ds_group, monkeypatch):
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_matches_torch_adam_and_stays_out_of_harmful_space(ds_group, zero_stage):
     # ZeRO 1/2 keep an fp32 master copy: without writing the loop's projection back into it, the result
-    # drifts from TorchAdam's (by ~0.6 here) and picks up a harmful component (~4e-6).
+    # drifts from TorchAdam's (by ~0.3 here) and can pick up a harmful component.
     p = make_problem()
     ref = finetune(p, TorchAdam)
     got = finetune(p, ds_group.deepspeed_stepper(zero_stage))
