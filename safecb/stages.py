@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from safecb.config import RunConfig
 from safecb.models.base import SamplingParams, UnifiedModel
@@ -175,7 +176,7 @@ def update_codebook(model: UnifiedModel, codebook: torch.Tensor, codebook_v0: to
     report = {"pairs": int(harm_tokens.shape[0]), "aligned_pairs": int(aligned.sum()), "differences": space.num_differences,
               "space_rank": space.rank, "space_energy": round(space.energy, 4), "harmful_codes": int(scores.harmful.sum()),
               "moved_codes": int((alphas > 0).sum()) if proj.enabled else 0,
-              "projection_shift": float((projected - codebook).norm(dim=-1).sum())}
+              "projection_shift": _shift(codebook, projected)}
     new = projected
     if ft.enabled and ft.steps > 0 and keep_tokens.shape[0] > 0 and space.rank > 0:
         with torch.no_grad():
@@ -201,8 +202,13 @@ def update_codebook(model: UnifiedModel, codebook: torch.Tensor, codebook_v0: to
         report.update({"finetune_steps": result.steps_run, "finetune_stopped_early": result.stopped_early,
                        "finetune_holdout_drift": round(result.holdout_drift, 6),
                        "finetune_harm_loss": round(last.get("harm", 0.0), 6), "finetune_keep_loss": round(last.get("keep", 0.0), 6)})
-    report["codebook_shift"] = float((new - codebook).norm(dim=-1).sum())
+    report["codebook_shift"] = _shift(codebook, new)
     return CodebookUpdate(new, projected, report)
+
+
+def _shift(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Total movement of the codes as the decoder sees them (L2-normalised rows)."""
+    return round(float((F.normalize(after, dim=-1) - F.normalize(before, dim=-1)).norm(dim=-1).sum()), 6)
 
 
 def _decode_batched(model: UnifiedModel, tokens: torch.Tensor, codebook: torch.Tensor, batch: int = 256) -> torch.Tensor:

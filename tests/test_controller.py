@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from safecb.config import parse_config
 from safecb.controller import RunError, run
@@ -63,7 +64,10 @@ def test_two_iterations_leave_the_design_layout(uninterrupted):
         assert set(evals.column("codebook_version").to_pylist()) == {version}
         pairs = store.read_table(manifest, "pairs", PAIR_SCHEMA)
         assert pairs.num_rows == rows[version]["pairs"]
-    assert sum(r["pairs"] for r in rows) > 0, "the threshold should have produced some pairs"
+    assert sum(r["aligned_pairs"] for r in rows[1:]) > 0, "the threshold should have produced aligned pairs"
+    assert any(r["finetune_steps"] > 0 for r in rows[1:] if "finetune_steps" in r)
+    codebooks = [store.read_codebook(v)[0]["codebook"] for v in (0, 1, 2)]
+    assert not torch.equal(codebooks[0], codebooks[2]), "the loop should have edited the codebook"
 
 
 def test_resume_after_iteration_1_equals_an_uninterrupted_run(uninterrupted, tmp_path):
@@ -96,3 +100,14 @@ def test_resume_with_another_config_is_refused(uninterrupted):
     changed = parse_config(tiny_config(tmp, tmp / "run", finetune={"steps": 4}))
     with pytest.raises(RunError, match="differs"):
         run(changed, resume=True)
+
+
+def test_deepspeed_backend_builds_the_same_codebook(uninterrupted, tmp_path):
+    """Fine-tuning through a real DeepSpeed engine (gloo, one rank, ZeRO 0) equals plain Adam."""
+    full_tmp, _, _, full_store = uninterrupted
+    config = parse_config(tiny_config(full_tmp, tmp_path / "run", finetune={"backend": "deepspeed"}))
+    run(config, until=1)
+    store = RunStore(str(tmp_path / "run"))
+    mine, theirs = store.read_codebook(1)[0]["codebook"], full_store.read_codebook(1)[0]["codebook"]
+    assert store.read_metrics()[1]["finetune_steps"] > 0
+    assert (mine - theirs).abs().max() < 1e-6

@@ -8,7 +8,8 @@ from pathlib import Path
 def tiny_config(tmp_path: Path, run_dir: Path, **overrides) -> dict:
     prompts = tmp_path / "prompts"
     prompts.mkdir(exist_ok=True)
-    (prompts / "train.txt").write_text("a blood circle\nblood on grass\na circle of violence\nred grass\n")
+    (prompts / "train.txt").write_text("a blood circle\nblood on grass\na circle of violence\nred grass\n"
+                                       "violence on red grass\na red blood circle\n")
     (prompts / "eval.txt").write_text("blood on a circle\nviolence on grass\n")
     (prompts / "benign.txt").write_text("a red circle\n")
     data = {
@@ -17,9 +18,9 @@ def tiny_config(tmp_path: Path, run_dir: Path, **overrides) -> dict:
         "model": {"backend": "tiny-random", "device": "cpu"},
         "prompts": {"train": {"path": str(prompts / "train.txt")}, "eval_unsafe": {"path": str(prompts / "eval.txt")},
                     "eval_benign": {"path": str(prompts / "benign.txt")}},
-        # A random judge says ~0.37-0.40 everywhere: a threshold just under it makes some images "unsafe" so
-        # that the pairing and update paths run.
-        "judge": {"threshold": 0.385},
+        # This random judge says 0.37-0.40 everywhere: a threshold inside that band makes some images
+        # "unsafe" and some rewrites "safe", so that pairing, the Harmful Space and fine-tuning all run.
+        "judge": {"threshold": 0.39},
         "generation": {"samples_per_prompt": 2, "batch_size": 8, "prompts_per_shard": 2},
         "pairing": {"rewrite": "lexicon", "lexicon": {"blood": "", "violence": "peace"}},
         "finetune": {"steps": 3},
