@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from safecb.config import RunConfig
+from safecb.config import RunConfig, parse_config
 from safecb.models.base import UnifiedModel
 from safecb.models.registry import load_model
 from safecb.prompts import Prompt, load_prompts
@@ -88,11 +89,8 @@ class Controller:
             raise RunError(f"{self.store.url}: already holds a run (iterations {done[0]}..{done[-1]}); "
                            "pass --resume to continue it or choose another --run-dir")
         if resume and self.store.exists("config.yaml"):
-            saved = self.store.read_text("config.yaml")
-            from safecb.config import parse_config
-            import yaml
-
-            if parse_config(yaml.safe_load(saved), "config.yaml").config_hash() != self.config_hash:
+            saved = parse_config(yaml.safe_load(self.store.read_text("config.yaml")), "config.yaml")
+            if saved.config_hash() != self.config_hash:
                 raise RunError(f"{self.store.url}/config.yaml: differs from the given config; "
                                "resume with the run's own config.yaml")
         with self.timed("load model"):

@@ -28,6 +28,7 @@ or replacement), the next `generate` notices (data pointer / version counter) an
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ except Exception:  # noqa: BLE001 - any import failure means "no Triton"
     tl = None
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KV_DTYPES = ("bf16", "fp8")
 # Decode attention tile (keys per iteration) and warps per program, by cache element size.
 DEFAULT_ATTN_CONFIG = {"bf16": (64, 4), "fp8": (128, 4)}
@@ -168,10 +170,33 @@ if triton is not None:
                 tl.store(VC + dst + HALF + j, v2.to(VC.dtype.element_ty))
 
     @triton.jit
+    def _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   FP8: tl.constexpr):
+        """One BLOCK_N-key tile of online softmax: returns the updated (max, sum, weighted V sum)."""
+        d = tl.arange(0, D)
+        offs = n0 + tl.arange(0, BLOCK_N)
+        valid = offs < hi
+        k = tl.load(kb + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(vb + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        qk = tl.sum(k.to(tl.float32) * q[None, :], 1)
+        if FP8:
+            qk = qk * tl.load(KS + sb + offs, mask=valid, other=0.0)
+        qk = tl.where(valid, qk, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        if FP8:
+            p = p * tl.load(VS + sb + offs, mask=valid, other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _decode_attn_kernel(Q, KC, VC, KS, VS, START, SLOT, O, OP, LSE,
                             stride_cr, stride_ch, stride_sr, stride_sh, sm_scale,
                             HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                            BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, FP8: tl.constexpr):
+                            BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, FP8: tl.constexpr,
+                            INTERPRET: tl.constexpr):
         """One query per (row, head) over cache slots [START[row], *SLOT]; split `split` of SPLITS."""
         row = tl.program_id(0)
         head = tl.program_id(1)
@@ -190,23 +215,14 @@ if triton is not None:
         m_i = -float("inf")
         l_i = 0.0
         acc = tl.zeros([D], dtype=tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            valid = offs < hi
-            k = tl.load(kb + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(vb + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-            qk = tl.sum(k.to(tl.float32) * q[None, :], 1)
-            if FP8:
-                qk = qk * tl.load(KS + sb + offs, mask=valid, other=0.0)
-            qk = tl.where(valid, qk, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            if FP8:
-                p = p * tl.load(VS + sb + offs, mask=valid, other=0.0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-            m_i = m_new
+        if INTERPRET:  # Triton's interpreter cannot take loop bounds from loaded values; a while loop it can
+            n0 = lo
+            while n0 < hi:
+                m_i, l_i, acc = _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, D, BLOCK_N, FP8)
+                n0 += BLOCK_N
+        else:
+            for n0 in range(lo, hi, BLOCK_N):
+                m_i, l_i, acc = _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, D, BLOCK_N, FP8)
         if SPLITS == 1:
             tl.store(O + (row * HEADS + head) * D + d, (acc / l_i).to(O.dtype.element_ty))
         else:
@@ -251,7 +267,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.stride(0), k_cache.stride(1),
         ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0, sm_scale,
         HEADS=heads, GROUP=heads // kv_heads, D=dim, BLOCK_N=block_n, SPLITS=splits, FP8=fp8,
-        num_warps=num_warps)
+        INTERPRET=_INTERPRET, num_warps=num_warps)
     if splits > 1:
         _combine_kernel[(rows, heads)](partial, lse, out, HEADS=heads, D=dim, SPLITS=splits, num_warps=4)
     return out
@@ -588,7 +604,8 @@ class JanusEngine:
         self._pos[:rows].add_(1)
 
     def _graph_for(self, batch: int, params: SamplingParams):
-        key = (batch, float(params.guidance), float(params.temperature), params.top_k)
+        splits = self._splits(2 * batch) if self.backend == "triton" else 1
+        key = (batch, splits, float(params.guidance), float(params.temperature), params.top_k)
         return key, self._graphs.get(key)
 
     def _capture(self, key, batch: int, params: SamplingParams):
