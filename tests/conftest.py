@@ -16,6 +16,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can import tests_support
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP spin-waiting makes 2 threads far slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 MOTO_START_TIMEOUT_S = 10.0
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -12,15 +12,6 @@ WORDS = ["red", "circle", "blood", "a", "on", "grass"]
 FORMAT = "<|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP spin-waiting makes 2 threads far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     from safecb.models.tiny import build_tiny_janus

@@ -13,15 +13,6 @@ EULER_GAMMA = 0.5772156649015329
 MASK = 0xFFFFFFFF
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP spin-waiting makes 2 threads far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _mix32_ref(x: int) -> int:
     """The documented murmur-style 32-bit finaliser, in Python integers (no overflow possible)."""
     x &= MASK

@@ -14,15 +14,6 @@ from safecb.training.harmful_space import HarmfulSpace
 K, D, N, H, W = 8, 4, 4, 2, 2  # codes, code dim, tokens per image, image side
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP spin-waiting makes 2 threads far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_decode(seed: int = 0):
     """decode(tokens (B, N), codebook (K, D)) → (B, 3, H, W): a fixed random linear map of normalised codes."""
     weight = torch.randn(N * D, 3 * H * W, generator=torch.Generator().manual_seed(seed)) / math.sqrt(N * D)

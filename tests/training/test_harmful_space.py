@@ -14,15 +14,6 @@ E2 = torch.tensor([0.0, 1.0, 0.0])
 E3 = torch.tensor([0.0, 0.0, 1.0])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP spin-waiting makes 2 threads far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def split_codebook() -> torch.Tensor:
     """(4, 3): codes 0/1 are ±e1 and codes 2/3 are ±e2, at assorted norms (the space uses ĉ = c/|c|)."""
     return torch.stack([2.0 * E1, -0.5 * E1, 3.0 * E2, -1.0 * E2])

@@ -12,15 +12,6 @@ from safecb.training.harmful_space import HarmfulSpace, HarmScores, aligned_diff
 from safecb.training.projection import code_step_sizes, project_codebook, safe_mean
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP spin-waiting makes 2 threads far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def scores_of(score, harmful, harmful_counts, safe_counts) -> HarmScores:
     return HarmScores(torch.tensor(score), torch.tensor(harmful_counts, dtype=torch.float64),
                       torch.tensor(safe_counts, dtype=torch.float64), torch.tensor(harmful))
