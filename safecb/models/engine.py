@@ -48,8 +48,10 @@ except Exception:  # noqa: BLE001 - any import failure means "no Triton"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KV_DTYPES = ("bf16", "fp8")
-# Decode attention tile (keys per iteration) and warps per program, by cache element size.
-DEFAULT_ATTN_CONFIG = {"bf16": (64, 4), "fp8": (128, 4)}
+# Decode attention: keys per tile, warps per program, pipeline stages, kernel variant; by cache type.
+# Measured on an H200 (benchmarks/results/generation-h200.json): bf16 "dot" 4.3 TB/s; for fp8 the
+# CUDA-core "sum" tile (2.7 TB/s of 1-byte elements) beat the fp16 tensor-core one (2.3).
+DEFAULT_ATTN_CONFIG = {"bf16": (64, 4, 3, "dot"), "fp8": (128, 4, 1, "sum")}
 
 
 def engine_available(device: torch.device | str) -> tuple[bool, str]:
@@ -170,9 +172,97 @@ if triton is not None:
                 tl.store(VC + dst + HALF + j, v2.to(VC.dtype.element_ty))
 
     @triton.jit
-    def _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FP8: tl.constexpr):
-        """One BLOCK_N-key tile of online softmax: returns the updated (max, sum, weighted V sum)."""
+    def _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, qk_scale, D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, FP8: tl.constexpr, F32: tl.constexpr):
+        """One BLOCK_N-key tile of online softmax on the tensor cores (q replicated to 16 rows, as tl.dot
+        needs M >= 16; the rows are identical). Returns the updated (max, sum, weighted V sum)."""
+        d = tl.arange(0, D)
+        offs = n0 + tl.arange(0, BLOCK_N)
+        valid = offs < hi
+        k = tl.load(kb + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(vb + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        if FP8:  # e4m3 -> fp16 is one packed convert; q arrives as fp16
+            k = k.to(tl.float16)
+            v = v.to(tl.float16)
+            qk = tl.dot(q, tl.trans(k))
+        elif F32:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = qk * qk_scale
+        if FP8:
+            qk = qk * tl.load(KS + sb + offs, mask=valid, other=0.0)[None, :]
+        qk = tl.where(valid[None, :], qk, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if FP8:  # fold the per-key V scales into p, normalised by the tile's largest so fp16 keeps them
+            vsc = tl.load(VS + sb + offs, mask=valid, other=0.0)
+            top = tl.max(vsc, 0)
+            pv = tl.dot((p * (vsc / top)[None, :]).to(tl.float16), v) * top
+        elif F32:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _decode_attn_kernel(Q, KC, VC, KS, VS, START, SLOT, O, OP, LSE,
+                            stride_cr, stride_ch, stride_sr, stride_sh, sm_scale,
+                            HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                            BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, FP8: tl.constexpr,
+                            F32: tl.constexpr, INTERPRET: tl.constexpr):
+        """One query per (row, head) over cache slots [START[row], *SLOT]; split `split` of SPLITS.
+        The K/V tile loads feed tl.dot, so Triton software-pipelines them (num_stages deep)."""
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        split = tl.program_id(2)
+        kvh = head // GROUP
+        start = tl.load(START + row)
+        end = tl.load(SLOT) + 1
+        chunk = tl.cdiv(tl.cdiv(end - start, SPLITS), BLOCK_N) * BLOCK_N
+        lo = start + split * chunk
+        hi = tl.minimum(lo + chunk, end)
+        d = tl.arange(0, D)
+        r = tl.arange(0, 16)
+        qbase = (row * HEADS + head) * D
+        q = tl.load(Q + qbase + r[:, None] * 0 + d[None, :])  # (16, D), every row the query
+        if FP8:
+            q = q.to(tl.float16)
+        qk_scale = sm_scale * 1.4426950408889634
+        kb = KC + row * stride_cr + kvh * stride_ch
+        vb = VC + row * stride_cr + kvh * stride_ch
+        sb = row * stride_sr + kvh * stride_sh
+        m_i = tl.full([16], -float("inf"), tl.float32)
+        l_i = tl.zeros([16], dtype=tl.float32)
+        acc = tl.zeros([16, D], dtype=tl.float32)
+        if INTERPRET:  # Triton's interpreter cannot take loop bounds from loaded values; a while loop it can
+            n0 = lo
+            while n0 < hi:
+                m_i, l_i, acc = _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, qk_scale, D, BLOCK_N,
+                                           FP8, F32)
+                n0 += BLOCK_N
+        else:
+            for n0 in range(lo, hi, BLOCK_N):
+                m_i, l_i, acc = _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, qk_scale, D, BLOCK_N,
+                                           FP8, F32)
+        first = r[:, None] == 0
+        if SPLITS == 1:
+            out = acc / l_i[:, None]
+            tl.store(O + qbase + r[:, None] * 0 + d[None, :], out.to(O.dtype.element_ty), mask=first)
+        else:
+            safe_l = tl.where(l_i > 0, l_i, 1.0)
+            base = (row * HEADS + head) * SPLITS + split
+            tl.store(OP + base * D + r[:, None] * 0 + d[None, :], acc / safe_l[:, None], mask=first)
+            lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), -float("inf"))
+            tl.store(LSE + base + r * 0, lse, mask=r == 0)
+
+    @triton.jit
+    def _attn_tile_sum(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       FP8: tl.constexpr):
+        """The same tile on the CUDA cores (q a vector, reductions with tl.sum): the 'sum' variant."""
         d = tl.arange(0, D)
         offs = n0 + tl.arange(0, BLOCK_N)
         valid = offs < hi
@@ -192,12 +282,12 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def _decode_attn_kernel(Q, KC, VC, KS, VS, START, SLOT, O, OP, LSE,
-                            stride_cr, stride_ch, stride_sr, stride_sh, sm_scale,
-                            HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                            BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, FP8: tl.constexpr,
-                            INTERPRET: tl.constexpr):
-        """One query per (row, head) over cache slots [START[row], *SLOT]; split `split` of SPLITS."""
+    def _decode_attn_sum_kernel(Q, KC, VC, KS, VS, START, SLOT, O, OP, LSE,
+                                stride_cr, stride_ch, stride_sr, stride_sh, sm_scale,
+                                HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                                BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, FP8: tl.constexpr,
+                                INTERPRET: tl.constexpr):
+        """`_decode_attn_kernel` with CUDA-core tiles (no tensor cores, no software pipelining)."""
         row = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
@@ -215,14 +305,14 @@ if triton is not None:
         m_i = -float("inf")
         l_i = 0.0
         acc = tl.zeros([D], dtype=tl.float32)
-        if INTERPRET:  # Triton's interpreter cannot take loop bounds from loaded values; a while loop it can
+        if INTERPRET:
             n0 = lo
             while n0 < hi:
-                m_i, l_i, acc = _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, D, BLOCK_N, FP8)
+                m_i, l_i, acc = _attn_tile_sum(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, D, BLOCK_N, FP8)
                 n0 += BLOCK_N
         else:
             for n0 in range(lo, hi, BLOCK_N):
-                m_i, l_i, acc = _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, D, BLOCK_N, FP8)
+                m_i, l_i, acc = _attn_tile_sum(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, D, BLOCK_N, FP8)
         if SPLITS == 1:
             tl.store(O + (row * HEADS + head) * D + d, (acc / l_i).to(O.dtype.element_ty))
         else:
@@ -248,8 +338,9 @@ if triton is not None:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
                      v_scale: torch.Tensor | None, start: torch.Tensor, slot: torch.Tensor, sm_scale: float,
-                     splits: int = 1, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
-    """Triton decode attention. q (R, H, D); caches (R', KVH, L, D) (R' >= R); scales (R', KVH, L) for fp8;
+                     splits: int = 1, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
+                     variant: str = "dot") -> torch.Tensor:
+    """Triton decode attention ('dot': tensor-core tiles, pipelined loads; 'sum': CUDA-core tiles). q (R, H, D); caches (R', KVH, L, D) (R' >= R); scales (R', KVH, L) for fp8;
     start (R,) int32 first valid slot; slot () int32 last valid slot. Returns (R, H*D) in q's dtype."""
     rows, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
@@ -262,12 +353,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         partial, lse = out, out
     ks = k_scale if fp8 else k_cache
     vs = v_scale if fp8 else v_cache
-    _decode_attn_kernel[(rows, heads, splits)](
-        q, k_cache, v_cache, ks, vs, start, slot, out, partial, lse,
-        k_cache.stride(0), k_cache.stride(1),
-        ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0, sm_scale,
-        HEADS=heads, GROUP=heads // kv_heads, D=dim, BLOCK_N=block_n, SPLITS=splits, FP8=fp8,
-        INTERPRET=_INTERPRET, num_warps=num_warps)
+    args = (q, k_cache, v_cache, ks, vs, start, slot, out, partial, lse, k_cache.stride(0), k_cache.stride(1),
+            ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0, sm_scale)
+    if variant == "dot":
+        _decode_attn_kernel[(rows, heads, splits)](
+            *args, HEADS=heads, GROUP=heads // kv_heads, D=dim, BLOCK_N=block_n, SPLITS=splits, FP8=fp8,
+            F32=q.dtype == torch.float32, INTERPRET=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
+    elif variant == "sum":
+        _decode_attn_sum_kernel[(rows, heads, splits)](
+            *args, HEADS=heads, GROUP=heads // kv_heads, D=dim, BLOCK_N=block_n, SPLITS=splits, FP8=fp8,
+            INTERPRET=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
+    else:
+        raise ValueError(f"variant must be 'dot' or 'sum', got {variant!r}")
     if splits > 1:
         _combine_kernel[(rows, heads)](partial, lse, out, HEADS=heads, D=dim, SPLITS=splits, num_warps=4)
     return out
@@ -306,7 +403,7 @@ class JanusEngine:
 
     def __init__(self, model, max_batch: int, max_prompt_len: int, num_image_tokens: int, kv_dtype: str = "bf16",
                  use_cuda_graph: bool = True, *, dtype: torch.dtype | None = None, backend: str = "auto",
-                 attn_config: tuple[int, int] | None = None, max_graphs: int = 8):
+                 attn_config: tuple | None = None, max_graphs: int = 8):
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
         if max_batch < 1 or max_prompt_len < 1 or num_image_tokens < 1:
@@ -550,7 +647,7 @@ class JanusEngine:
         h = torch.empty_like(x)
         q = torch.empty(rows, self.heads, self.head_dim, device=x.device, dtype=x.dtype)
         fp8 = self.kv_dtype == "fp8"
-        block_n, warps = self.attn_config
+        block_n, warps, stages, variant = self.attn_config
         delta = None
         for index, layer in enumerate(self.layers):
             _add_rmsnorm(x, delta, layer.ln1, h, self.eps)
@@ -565,7 +662,7 @@ class JanusEngine:
                 ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0,
                 HEADS=self.heads, KV_HEADS=self.kv_heads, D=self.head_dim, FP8=fp8, num_warps=1)
             o = decode_attention(q, kc, vc, ks, vs, self._start, self._slot, self.scaling, splits=splits,
-                                 block_n=block_n, num_warps=warps)
+                                 block_n=block_n, num_warps=warps, num_stages=stages, variant=variant)
             o = F.linear(o, layer.wo, layer.bo)
             _add_rmsnorm(x, o, layer.ln2, h, self.eps)
             gu = F.linear(h, layer.wgu, layer.bgu)

@@ -1,0 +1,288 @@
+"""The fast engine yields the tokens of the plain loop and of HF `generate`.
+
+CPU tests run the engine's torch backend (the same engine, no Triton, no graph) on a tiny random Janus.
+GPU tests (marked `gpu`) run the Triton kernels and the CUDA graph; they skip with a reason off CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from safecb.models.base import SamplingParams
+from safecb.models.engine import JanusEngine, engine_available, quantize_fp8
+from safecb.models.generation import generate_image_tokens
+from safecb.models.tiny import build_tiny_janus
+
+WORDS = ["a", "red", "blue", "cat", "dog", "big", "small", "house"]
+GREEDY = SamplingParams(guidance=3.0, temperature=0.0)
+SAMPLE = SamplingParams(guidance=2.0, temperature=1.0, top_k=50)
+TEXTS = ["a red cat", "a big blue dog dog house", "cat", "small house", "a dog"]
+
+
+def _cuda_ok() -> tuple[bool, str]:
+    return engine_available("cuda")
+
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not _cuda_ok()[0], reason=f"GPU test: {_cuda_ok()[1]}")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = build_tiny_janus(WORDS, seed=0, image_size=16, hidden=64, layers=2)  # 16 image tokens
+    tok = processor.tokenizer
+    ids = dict(bos=tok.bos_token_id, boi=tok.convert_tokens_to_ids("<begin_of_image>"), pad=tok.pad_token_id)
+    model.model.vision_model.config.num_image_tokens = 16
+    return model, tok, ids
+
+
+def _encode(tok, texts, device="cpu"):
+    enc = tok([t + " <begin_of_image>" for t in texts], padding=True, return_tensors="pt")
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def _plain(model, ids, mask, seeds, params, special, n=16):
+    return generate_image_tokens(model, ids, mask, seeds, params, n, special["bos"], special["boi"], special["pad"])
+
+
+def _engine(engine, ids, mask, seeds, params, special, **kw):
+    return engine.generate(ids, mask, seeds, params, special["bos"], special["boi"], special["pad"], **kw)
+
+
+# ---- CPU: the torch backend ---------------------------------------------------------------------
+def test_engine_available_says_why_not_on_cpu():
+    ok, reason = engine_available("cpu")
+    assert not ok and "CUDA" in reason
+
+
+def test_greedy_matches_plain_loop_with_left_padding(tiny):
+    model, tok, special = tiny
+    ids, mask = _encode(tok, TEXTS[:3])
+    assert (mask == 0).any()  # the batch really is padded
+    seeds = torch.tensor([1, 2, 3])
+    engine = JanusEngine(model, max_batch=4, max_prompt_len=12, num_image_tokens=16)
+    assert engine.backend == "torch" and not engine.use_cuda_graph
+    assert torch.equal(_engine(engine, ids, mask, seeds, GREEDY, special), _plain(model, ids, mask, seeds, GREEDY,
+                                                                                   special))
+
+
+def test_greedy_matches_hf_generate(tiny):
+    model, tok, special = tiny
+    ids, mask = _encode(tok, ["a red cat", "big blue dog"])  # same length: no padding, as HF generate needs
+    assert bool(mask.all())
+    hf = model.generate(ids, attention_mask=mask, generation_mode="image", do_sample=False, guidance_scale=3.0)
+    engine = JanusEngine(model, max_batch=2, max_prompt_len=8, num_image_tokens=16)
+    assert torch.equal(_engine(engine, ids, mask, torch.tensor([5, 6]), GREEDY, special), hf)
+
+
+def test_sampling_matches_plain_loop(tiny):
+    model, tok, special = tiny
+    ids, mask = _encode(tok, TEXTS[:3])
+    seeds = torch.tensor([11, 12, 13])
+    engine = JanusEngine(model, max_batch=3, max_prompt_len=12, num_image_tokens=16)
+    assert torch.equal(_engine(engine, ids, mask, seeds, SAMPLE, special), _plain(model, ids, mask, seeds, SAMPLE,
+                                                                                   special))
+
+
+def test_seed_gives_same_tokens_whatever_the_batch(tiny):
+    model, tok, special = tiny
+    ids, mask = _encode(tok, TEXTS)
+    seeds = torch.tensor([7, 8, 9, 10, 11])
+    engine = JanusEngine(model, max_batch=5, max_prompt_len=12, num_image_tokens=16)
+    full = _engine(engine, ids, mask, seeds, SAMPLE, special)
+    for index in (0, 2, 4):  # alone: other padding, other neighbours, other batch size
+        one_ids, one_mask = _encode(tok, [TEXTS[index]])
+        alone = _engine(engine, one_ids, one_mask, seeds[index:index + 1], SAMPLE, special)
+        assert torch.equal(alone[0], full[index])
+    shuffled = [3, 1, 4, 0, 2]
+    s_ids, s_mask = _encode(tok, [TEXTS[i] for i in shuffled])
+    assert torch.equal(_engine(engine, s_ids, s_mask, seeds[shuffled], SAMPLE, special), full[shuffled])
+    assert not torch.equal(full[0], _engine(engine, ids[:1], mask[:1], torch.tensor([99]), SAMPLE, special)[0])
+
+
+def test_batches_larger_than_max_batch_are_chunked(tiny):
+    model, tok, special = tiny
+    ids, mask = _encode(tok, TEXTS)
+    seeds = torch.arange(5)
+    small = JanusEngine(model, max_batch=2, max_prompt_len=12, num_image_tokens=16)
+    big = JanusEngine(model, max_batch=5, max_prompt_len=12, num_image_tokens=16)
+    assert torch.equal(_engine(small, ids, mask, seeds, SAMPLE, special), _engine(big, ids, mask, seeds, SAMPLE,
+                                                                                   special))
+
+
+def test_num_tokens_and_forced_tokens(tiny):
+    model, tok, special = tiny
+    ids, mask = _encode(tok, TEXTS[:2])
+    seeds = torch.tensor([1, 2])
+    engine = JanusEngine(model, max_batch=2, max_prompt_len=12, num_image_tokens=16)
+    full = _engine(engine, ids, mask, seeds, SAMPLE, special)
+    assert torch.equal(_engine(engine, ids, mask, seeds, SAMPLE, special, num_tokens=5), full[:, :5])
+    # teacher forcing with the engine's own tokens changes nothing
+    assert torch.equal(_engine(engine, ids, mask, seeds, SAMPLE, special, forced_tokens=full), full)
+
+
+def test_fp8_cache_stays_close_to_full_precision(tiny):
+    model, tok, special = tiny
+    ids, mask = _encode(tok, TEXTS)
+    seeds = torch.arange(5)
+    ref = JanusEngine(model, max_batch=5, max_prompt_len=12, num_image_tokens=16)
+    fp8 = JanusEngine(model, max_batch=5, max_prompt_len=12, num_image_tokens=16, kv_dtype="fp8")
+    assert fp8.k_cache.dtype == torch.float8_e4m3fn
+    want = _engine(ref, ids, mask, seeds, GREEDY, special)
+    forced = _engine(fp8, ids, mask, seeds, GREEDY, special, forced_tokens=want)
+    assert (forced == want).float().mean() >= 0.9  # per-step agreement on the same history
+    assert fp8.kv_bytes_per_token() < ref.kv_bytes_per_token() / 1.8
+
+
+def test_quantize_fp8_roundtrip():
+    x = torch.randn(3, 4, 128) * torch.logspace(-3, 2, 4)[None, :, None]
+    q, scale = quantize_fp8(x)
+    back = q.float() * scale[..., None]
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (3, 4)
+    assert ((back - x).norm(dim=-1) / x.norm(dim=-1)).max() < 0.05
+
+
+def test_engine_follows_weight_changes(tiny):
+    model, tok, special = tiny
+    ids, mask = _encode(tok, TEXTS[:2])
+    seeds = torch.tensor([1, 2])
+    engine = JanusEngine(model, max_batch=2, max_prompt_len=12, num_image_tokens=16)
+    before = _engine(engine, ids, mask, seeds, GREEDY, special)
+    weight = model.model.language_model.layers[0].self_attn.q_proj.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(3.0)
+        after = _engine(engine, ids, mask, seeds, GREEDY, special)
+        assert torch.equal(after, _plain(model, ids, mask, seeds, GREEDY, special))
+        assert not torch.equal(after, before)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def test_bad_inputs_are_refused(tiny):
+    model, tok, special = tiny
+    engine = JanusEngine(model, max_batch=2, max_prompt_len=4, num_image_tokens=16)
+    ids, mask = _encode(tok, ["a big red cat house"])
+    with pytest.raises(ValueError, match="max_prompt_len"):
+        _engine(engine, ids, mask, torch.tensor([1]), GREEDY, special)
+    ids, mask = torch.tensor([[1, 3, 5, 0]]), torch.tensor([[1, 1, 1, 0]])  # right padding
+    with pytest.raises(ValueError, match="left padding"):
+        _engine(engine, ids, mask, torch.tensor([1]), GREEDY, special)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        JanusEngine(model, max_batch=1, max_prompt_len=4, num_image_tokens=16, kv_dtype="int4")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernels_in_interpreter():
+    """The Triton decode-attention kernel (splits, fp8, GQA) against a float reference, interpreted on CPU."""
+    code = textwrap.dedent("""
+        import torch
+        from safecb.models.engine import decode_attention, quantize_fp8
+        torch.manual_seed(0)
+        R, H, KVH, L, D = 3, 4, 2, 40, 16
+        for variant, fp8, splits in [(v, f, s) for v in ("dot", "sum") for f in (False, True) for s in (1, 4)]:
+            q = torch.randn(R, H, D); k = torch.randn(R, KVH, L, D); v = torch.randn(R, KVH, L, D)
+            start = torch.tensor([0, 5, 17], dtype=torch.int32); slot = torch.tensor(30, dtype=torch.int32)
+            if fp8:
+                kq, ks = quantize_fp8(k); vq, vs = quantize_fp8(v)
+                kd, vd = kq.float() * ks[..., None], vq.float() * vs[..., None]
+            else:
+                kq, vq, ks, vs, kd, vd = k, v, None, None, k, v
+            out = decode_attention(q, kq, vq, ks, vs, start, slot, D ** -0.5, splits=splits, block_n=16,
+                                   variant=variant)
+            ref = []
+            for r in range(R):
+                kk = kd[r, :, start[r]:31].repeat_interleave(H // KVH, 0)
+                vv = vd[r, :, start[r]:31].repeat_interleave(H // KVH, 0)
+                ref.append((torch.softmax(q[r][:, None] @ kk.transpose(1, 2) * D ** -0.5, -1) @ vv)[:, 0].reshape(-1))
+            ref = torch.stack(ref)
+            err = ((out - ref).norm() / ref.norm()).item()
+            assert err < (5e-3 if fp8 and variant == "dot" else 1e-5), (variant, fp8, splits, err)  # fp16 tiles
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
+
+
+# ---- GPU: Triton kernels + CUDA graph -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_cuda(tiny):
+    ok, reason = _cuda_ok()
+    if not ok:
+        pytest.skip(f"GPU test: {reason}")
+    model, tok, special = tiny
+    return copy.deepcopy(model).to("cuda"), tok, special
+
+
+@gpu
+@needs_cuda
+def test_gpu_fp32_engine_matches_hf_and_plain_loop(tiny_cuda):
+    model, tok, special = tiny_cuda
+    engine = JanusEngine(model, max_batch=4, max_prompt_len=12, num_image_tokens=16, dtype=torch.float32)
+    assert engine.backend == "triton" and engine.use_cuda_graph
+    ids, mask = _encode(tok, ["a red cat", "big blue dog"], "cuda")
+    hf = model.generate(ids, attention_mask=mask, generation_mode="image", do_sample=False, guidance_scale=3.0)
+    assert torch.equal(_engine(engine, ids, mask, torch.tensor([1, 2]), GREEDY, special), hf)
+    ids, mask = _encode(tok, TEXTS[:4], "cuda")
+    seeds = torch.tensor([3, 4, 5, 6], device="cuda")
+    for params in (GREEDY, SAMPLE):
+        got = _engine(engine, ids, mask, seeds, params, special)
+        assert torch.equal(got, _plain(model, ids, mask, seeds, params, special)), params
+
+
+@gpu
+@needs_cuda
+def test_gpu_graph_replay_equals_eager(tiny_cuda):
+    model, tok, special = tiny_cuda
+    ids, mask = _encode(tok, TEXTS, "cuda")
+    seeds = torch.arange(5, device="cuda")
+    for kv in ("bf16", "fp8"):
+        graphed = JanusEngine(model, max_batch=5, max_prompt_len=12, num_image_tokens=16, kv_dtype=kv)
+        eager = JanusEngine(model, max_batch=5, max_prompt_len=12, num_image_tokens=16, kv_dtype=kv,
+                            use_cuda_graph=False)
+        a = _engine(graphed, ids, mask, seeds, SAMPLE, special)
+        b = _engine(graphed, ids, mask, seeds, SAMPLE, special)  # second call replays the captured graph
+        c = _engine(eager, ids, mask, seeds, SAMPLE, special)
+        assert torch.equal(a, b) and torch.equal(a, c), kv
+
+
+@gpu
+@needs_cuda
+def test_gpu_bf16_engine_close_to_plain_loop(tiny_cuda):
+    model, tok, special = tiny_cuda
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    ids, mask = _encode(tok, TEXTS, "cuda")
+    seeds = torch.arange(5, device="cuda")
+    engine = JanusEngine(model16, max_batch=5, max_prompt_len=12, num_image_tokens=16)
+    ref = _plain(model16, ids, mask, seeds, GREEDY, special)
+    forced = _engine(engine, ids, mask, seeds, GREEDY, special, forced_tokens=ref)
+    agree = (forced == ref).float().mean().item()
+    print(f"bf16 engine vs bf16 plain loop, teacher-forced greedy agreement {agree:.3f}")
+    assert agree >= 0.9
+
+
+@gpu
+@needs_cuda
+def test_gpu_seed_reproducible_across_batches_and_splits(tiny_cuda):
+    model, tok, special = tiny_cuda
+    ids, mask = _encode(tok, TEXTS, "cuda")
+    seeds = torch.arange(5, device="cuda") + 40
+    engine = JanusEngine(model, max_batch=5, max_prompt_len=12, num_image_tokens=16, dtype=torch.float32)
+    full = _engine(engine, ids, mask, seeds, SAMPLE, special)
+    one_ids, one_mask = _encode(tok, [TEXTS[3]], "cuda")
+    assert torch.equal(_engine(engine, one_ids, one_mask, seeds[3:4], SAMPLE, special)[0], full[3])
+    engine.num_sms = 10_000  # forces 16 sequence splits in the attention (flash-decoding path)
+    assert engine._splits(10) == 16
+    split = _engine(engine, ids, mask, seeds, SAMPLE, special)
+    assert (split == full).float().mean() >= 0.95
