@@ -52,7 +52,10 @@ class EngineConfig(Section):
 
     enabled: Literal["auto", "on", "off"] = "auto"
     kv_dtype: Literal["bf16", "fp8"] = "bf16"
+    # The static KV cache holds 2 x max_batch rows (CFG) of max_prompt_len + image tokens: for Janus-Pro-1B
+    # at 256 x 128 that is about 71 GB of bf16; Janus-Pro-7B needs max_batch <= ~96 on one 141 GB GPU.
     max_batch: int = Field(256, ge=1)
+    max_prompt_len: int = Field(128, ge=8)
 
 
 class ModelConfig(Section):

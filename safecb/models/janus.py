@@ -69,7 +69,7 @@ class JanusAdapter:
     """One model replica. Not thread-safe; one per actor / process."""
 
     def __init__(self, model, processor, prompt_format: PromptFormat | None = None, engine: str = "auto",
-                 kv_dtype: str = "bf16", max_batch: int = 256):
+                 kv_dtype: str = "bf16", max_batch: int = 256, max_prompt_len: int = 128):
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.processor = processor
@@ -99,12 +99,13 @@ class JanusAdapter:
         gen.generation_kwargs = {"boi_token_id": self.boi_id}
         self._engine = None
         self._engine_mode, self._kv_dtype, self._max_batch = engine, kv_dtype, max_batch
+        self._max_prompt_len = max_prompt_len
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def from_folder(cls, location: str | Path, device: str = "auto", dtype: str = "float32",
                     prompt_format: PromptFormat | None = None, engine: str = "auto", kv_dtype: str = "bf16",
-                    max_batch: int = 256) -> "JanusAdapter":
+                    max_batch: int = 256, max_prompt_len: int = 128) -> "JanusAdapter":
         from transformers import JanusForConditionalGeneration, JanusProcessor
 
         folder = resolve_model_folder(str(location))
@@ -116,7 +117,7 @@ class JanusAdapter:
         except Exception as err:  # noqa: BLE001 - transformers raises many kinds; report one line
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise ModelLoadError(f"model.path: {folder}: cannot load Janus checkpoint: {first}") from None
-        return cls(model.to(target), processor, prompt_format, engine, kv_dtype, max_batch)
+        return cls(model.to(target), processor, prompt_format, engine, kv_dtype, max_batch, max_prompt_len)
 
     def _single_token_ids(self, words: list[str]) -> list[int]:
         ids = set()
@@ -148,7 +149,7 @@ class JanusAdapter:
                 log.info("fast engine off: %s", reason)
                 self._engine_mode = "off"
                 return None
-            self._engine = JanusEngine(self.model, max_batch=self._max_batch, max_prompt_len=256,
+            self._engine = JanusEngine(self.model, max_batch=self._max_batch, max_prompt_len=self._max_prompt_len,
                                        num_image_tokens=self.num_image_tokens, kv_dtype=self._kv_dtype)
         return self._engine
 

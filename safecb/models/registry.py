@@ -21,4 +21,5 @@ def load_model(config: ModelConfig, categories: list[str], seed: int = 0) -> Uni
         location = config.path or ""
     return JanusAdapter.from_folder(location, device=config.device, dtype=config.dtype,
                                     prompt_format=config.prompt_format, engine=config.engine.enabled,
-                                    kv_dtype=config.engine.kv_dtype, max_batch=config.engine.max_batch)
+                                    kv_dtype=config.engine.kv_dtype, max_batch=config.engine.max_batch,
+                                    max_prompt_len=config.engine.max_prompt_len)
