@@ -166,6 +166,7 @@ class FinetuneConfig(Section):
 class EvalConfig(Section):
     samples_per_prompt: int = Field(1, ge=1)
     external_judge: bool = True  # the world's external judge, when the model is the world model
+    external_judge_path: str | None = None  # its weights folder; default: the ones shipped with the package
     fidelity_budget: NonNegative = 0.05  # keep the best earlier codebook if fidelity drops more
 
 

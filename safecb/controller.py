@@ -99,7 +99,10 @@ class Controller:
         if config.model.backend == "world" and config.eval.external_judge:
             from safecb.world.judge import ExternalJudge
 
-            self.external = ExternalJudge.load()
+            try:
+                self.external = ExternalJudge.load(config.eval.external_judge_path)
+            except (OSError, ValueError) as err:
+                raise RunError(f"eval.external_judge_path: {err}") from None
 
     @contextmanager
     def timed(self, stage: str):

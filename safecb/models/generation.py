@@ -67,3 +67,39 @@ def generate_image_tokens(
         out = language_model(inputs_embeds=step_embeds, attention_mask=mask, position_ids=last_position,
                              cache=out.cache if hasattr(out, "cache") else out.past_key_values, use_cache=True)
     return tokens
+
+
+@torch.no_grad()
+def counterpart_tokens(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    forced: torch.Tensor,
+    seeds: torch.Tensor,
+    params: SamplingParams,
+    bos_id: int,
+    boi_id: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """Position-aligned counterpart (B, N): what the prompt would draw at each position of `forced`.
+
+    One teacher-forced pass: the context at step i is the prompt plus forced[:, :i] (the harmful
+    grid), and the token at i is drawn with the same seed noise as step i of a free sample. Where the
+    new prompt agrees with the old grid the token stays; where it does not (the harm), it changes —
+    so the pair differs at the harm and not everywhere after the first divergence, as a free
+    same-seed resample does (autoregressive drift).
+    """
+    batch, num_tokens = forced.shape
+    ids, mask = cfg_batch(input_ids, attention_mask, bos_id, boi_id, pad_id)  # (2B, T)
+    prompt_embeds = model.get_input_embeddings()(ids)  # (2B, T, H)
+    image_embeds = model.prepare_embeddings_for_image_generation(torch.cat([forced, forced])[:, :-1])  # (2B, N-1, H)
+    embeds = torch.cat([prompt_embeds, image_embeds.to(prompt_embeds.dtype)], dim=1)
+    full_mask = torch.cat([mask, mask.new_ones(2 * batch, num_tokens - 1)], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=full_mask,
+                                        position_ids=positions).last_hidden_state  # (2B, T+N-1, H)
+    logits = model.model.generation_head(hidden[:, ids.shape[1] - 1:]).float()  # (2B, N, V)
+    guided = cfg_logits(logits[:batch], logits[batch:], params.guidance)  # (B, N, V)
+    seeds = seeds.to(forced.device)
+    return torch.stack([sample_tokens(guided[:, i], seeds, i, params.temperature, params.top_k)
+                        for i in range(num_tokens)], dim=1)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from safecb.config import PromptFormat
 from safecb.models.base import ModelLoadError, SamplingParams
-from safecb.models.generation import generate_image_tokens
+from safecb.models.generation import counterpart_tokens, generate_image_tokens
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,15 @@ class JanusAdapter:
             tokens = generate_image_tokens(self.model, input_ids, mask, seed_tensor, params, self.num_image_tokens,
                                            self.bos_id, self.boi_id, self.pad_id)
         return tokens.cpu()
+
+    @torch.no_grad()
+    def counterpart_tokens(self, prompts: list[str], seeds: list[int], tokens: torch.Tensor,
+                           params: SamplingParams) -> torch.Tensor:
+        """Position-aligned counterparts (B, N) of `tokens` under `prompts` (see generation.counterpart_tokens)."""
+        input_ids, mask = self.generation_inputs(prompts)
+        seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=self.device)
+        return counterpart_tokens(self.model, input_ids, mask, tokens.to(self.device), seed_tensor, params,
+                                  self.bos_id, self.boi_id, self.pad_id).cpu()
 
     # ---- decode --------------------------------------------------------------------------------
     def decode(self, tokens: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:

@@ -88,3 +88,24 @@ def test_seeds_change_samples_and_repeat_exactly(tiny):
     assert not torch.equal(tokens[0], tokens[2])
     num_codes = tiny[0].model.vqmodel.quantize.embedding.weight.shape[0]
     assert int(tokens.min()) >= 0 and int(tokens.max()) < num_codes
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_teacher_forced_counterpart_under_the_same_prompt_reproduces_the_sample(tiny, temperature):
+    """counterpart_tokens draws step i with step i's seed noise given the forced prefix: under the very
+    prompt that drew the grid, that is the grid itself — at any temperature, in a padded batch."""
+    from safecb.models.generation import counterpart_tokens
+
+    model, processor, ids = tiny
+    prompts, seeds = ["a red circle on grass", "blood"], [11, 12]
+    params = SamplingParams(guidance=3.0, temperature=temperature)
+    grid = generate(tiny, prompts, seeds, params)
+    input_ids, mask = encode(processor, prompts)
+    again = counterpart_tokens(model, input_ids, mask, grid, torch.tensor(seeds), params, ids["bos"], ids["boi"], ids["pad"])
+    assert torch.equal(again, grid)
+    if temperature > 0:
+        return  # a random model's logits are nearly flat: at temperature 1 the seed noise alone decides
+    # greedy, under another prompt: the grid changes somewhere
+    other, _ = encode(processor, ["blood on grass", "a red circle"])
+    moved = counterpart_tokens(model, other, _, grid, torch.tensor(seeds), params, ids["bos"], ids["boi"], ids["pad"])
+    assert moved.shape == grid.shape and not torch.equal(moved, grid)
