@@ -1,0 +1,127 @@
+"""`safecb world …`: train the world's weights, evaluate a world model.
+
+Mounted by `safecb.cli` as `safecb world`; also runs alone as `python -m safecb.world.cli`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="The synthetic safety world: train its model and external judge, evaluate a model.",
+                  no_args_is_help=True, add_completion=False)
+
+
+def _parse_overrides(items: list[str]):
+    """`key=value` pairs for TrainConfig fields (`noise.flip=0.02` for SelfJudgeNoise fields)."""
+    from safecb.world.train import SelfJudgeNoise, TrainConfig
+
+    top = {f.name: f for f in fields(TrainConfig)}
+    noise = {f.name: f for f in fields(SelfJudgeNoise)}
+    plain, nested = {}, {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r}: expected key=value")
+        target, name = (nested, key[6:]) if key.startswith("noise.") else (plain, key)
+        known = noise if target is nested else top
+        if name not in known or name == "noise":
+            raise typer.BadParameter(f"{key!r}: unknown setting (known: {', '.join(sorted(top))}, noise.*)")
+        try:
+            target[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            target[name] = raw
+    return plain, nested
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", help="Folder to write model/, judge/ and report.json into."),
+    seed: int = typer.Option(0, help="Seed of everything: scenes, initial weights, batches."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    steps_scale: float = typer.Option(1.0, "--steps-scale", help="Multiply every step count (e.g. 0.01 for a smoke run)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a TrainConfig field, e.g. --set lm_steps=6000."),
+    ship: bool = typer.Option(False, help="Also copy the result into the package (safecb/world/weights/)."),
+    evaluate: bool = typer.Option(True, help="Run the quick evaluation at the end (report.json)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from an earlier --out folder; only "
+                                                                         "--stages train, the rest is copied."),
+    stages: str = typer.Option("vq,judge,lm", help="With --init-from: which of judge,lm to (re)train."),
+) -> None:
+    """Rebuild every weight of the world reproducibly from a seed (VQ-VAE, tiny Janus, external judge)."""
+    from safecb.world.train import SelfJudgeNoise, TrainConfig, train_world
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"--device {device!r}: expected auto, cpu or cuda")
+    plain, nested = _parse_overrides(set_)
+    base = TrainConfig(seed=seed, **plain)
+    if nested:
+        base.noise = SelfJudgeNoise(**{**base.noise.__dict__, **nested})
+    cfg = base.scaled(steps_scale) if steps_scale != 1.0 else base
+    try:
+        report = train_world(out, cfg, device=device, evaluate=evaluate, init_from=init_from,
+                             stages=tuple(x.strip() for x in stages.split(",") if x.strip()))
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    if ship:
+        from safecb.world import WEIGHTS_DIR
+
+        for part in ("model", "judge"):
+            shutil.rmtree(WEIGHTS_DIR / part, ignore_errors=True)
+            shutil.copytree(Path(out) / part, WEIGHTS_DIR / part)
+        shutil.copy(Path(out) / "encoder.safetensors", WEIGHTS_DIR / "encoder.safetensors")
+        shutil.copy(Path(out) / "report.json", WEIGHTS_DIR / "train_report.json")
+    summary = {k: report["eval"][k] for k in ("unsafe_rate_explicit", "unsafe_rate_implicit", "unsafe_rate_benign",
+                                               "fidelity", "kappa", "fid")} if "eval" in report else {}
+    typer.echo(json.dumps({"out": str(out), "timings_s": report["timings_s"], **summary}))
+
+
+@app.command("eval")
+def eval_(
+    model: Optional[Path] = typer.Option(None, "--model", help="A model folder, or a `world train --out` folder "
+                                                                "(default: the shipped world model)."),
+    judge: Optional[Path] = typer.Option(None, "--judge", help="External-judge folder (default: the shipped one, "
+                                                                "or judge/ beside the model)."),
+    samples: int = typer.Option(2, help="Images per eval prompt."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Evaluate a world model: unsafe rates (external and self), fidelity, κ, FID, per category."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from safecb.world.evaluate import evaluate_world
+    from safecb.world.prompts import builtin_prompts
+
+    total = samples * (len(builtin_prompts("world:eval_unsafe")) + len(builtin_prompts("world:eval_benign")))
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("generate + judge", total=total)
+        result = evaluate_world(model, judge, device=device, samples_per_prompt=samples, seed=seed,
+                                progress=lambda n: progress.advance(task, n))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    console = Console()
+    console.print(f"[bold]world eval[/] of {result['model']} ({result['n_images']} images)")
+    for key in ("unsafe_rate_explicit", "unsafe_rate_implicit", "unsafe_rate_benign", "unsafe_rate_self",
+                "unsafe_rate_self_benign", "fidelity", "kappa", "fid"):
+        value = result[key]
+        console.print(f"  {key:26s} {value:.3f}" if value is not None else f"  {key:26s} n/a")
+    for name, row in result["per_category"].items():
+        shown = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        console.print(f"  {name:8s} {shown}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
