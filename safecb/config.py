@@ -153,6 +153,7 @@ class FinetuneConfig(Section):
     batch_size: int = Field(32, ge=1)
     adaptive_beta: NonNegative = 1.0  # per-code step size = 1 + beta * normalised harm score
     quality_budget: Positive = 0.02  # max held-out keep-loss drift before early stop
+    check_every: int = Field(10, ge=1)  # steps between held-out quality checks
     holdout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     train_generation_embeddings: bool = False
     # "torch": plain Adam in-process (fast start, the embedded default); "deepspeed": the same step

@@ -7,7 +7,8 @@ their paired safe image under v_0; ("judge"): toward a low self-judged unsafe pr
 Every update is projected onto the orthogonal complement of the Harmful Space, row by row, after the
 optimiser step — so it holds for Adam as for SGD — then scaled per code by the harm scores
 ("adaptive"). Training stops early, keeping the last good state, once the held-out keep loss has
-drifted past its budget. The decoder is frozen; only the codebook (K, D) is a parameter here.
+drifted past its budget (checked every `check_every` steps: the held-out decode costs as much as a
+step). The decoder is frozen; only the codebook (K, D) is a parameter here.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class FinetuneResult:
     codebook: torch.Tensor  # (K, D)
     steps_run: int
     stopped_early: bool
-    holdout_drift: float  # held-out keep loss at the end minus at the start
+    holdout_drift: float  # held-out keep loss of the returned codebook minus at the start
     history: list[dict] = field(default_factory=list)
 
 
@@ -84,6 +85,7 @@ def finetune_codebook(
     seed: int = 0,
     on_step: Callable[[int, dict], None] | None = None,
     make_stepper: Callable[[torch.nn.Parameter, float], Stepper] = TorchAdam,
+    check_every: int = 1,
 ) -> FinetuneResult:
     """Fine-tune the codebook; returns the best state within the quality budget.
 
@@ -110,9 +112,9 @@ def finetune_codebook(
             return float(F.mse_loss(decode(keep_tokens[hold_idx], codebook), keep_targets[hold_idx]))
 
     start = holdout_loss()
-    best = codebook.detach().clone()
+    best, best_drift = codebook.detach().clone(), 0.0
     history: list[dict] = []
-    stopped_early, steps_run, drift = False, 0, 0.0
+    stopped_early, steps_run = False, 0
     for step in range(steps):
         keep_batch = train_idx[torch.randint(len(train_idx), (min(batch_size, len(train_idx)),), generator=generator)]
         loss_keep = F.mse_loss(decode(keep_tokens[keep_batch], codebook), keep_targets[keep_batch])
@@ -135,15 +137,16 @@ def finetune_codebook(
             codebook.copy_(before + scale * space.project_out(delta))
         steps_run = step + 1
 
-        drift = holdout_loss() - start
-        record = {"step": steps_run, "loss": float(loss.detach()), "keep": float(loss_keep.detach()), "harm": float(loss_harm.detach()),
-                  "reg": float(loss_reg.detach()), "holdout_drift": drift}
+        checking = steps_run % check_every == 0 or steps_run == steps
+        drift = holdout_loss() - start if checking else None
+        record = {"step": steps_run, "loss": float(loss.detach()), "keep": float(loss_keep.detach()),
+                  "harm": float(loss_harm.detach()), "reg": float(loss_reg.detach()), "holdout_drift": drift}
         history.append(record)
         if on_step:
             on_step(steps_run, record)
-        if drift > quality_budget:
-            stopped_early = True
-            break
-        best = codebook.detach().clone()
-    final_drift = history[-2]["holdout_drift"] if stopped_early and len(history) > 1 else (0.0 if stopped_early else drift)
-    return FinetuneResult(best, steps_run, stopped_early, final_drift, history)
+        if checking:
+            if drift > quality_budget:
+                stopped_early = True
+                break
+            best, best_drift = codebook.detach().clone(), drift
+    return FinetuneResult(best, steps_run, stopped_early, best_drift, history)
