@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from safecb.config import parse_config
 from safecb.controller import RunError, run
@@ -103,10 +106,17 @@ def test_resume_with_another_config_is_refused(uninterrupted):
 
 
 def test_deepspeed_backend_builds_the_same_codebook(uninterrupted, tmp_path):
-    """Fine-tuning through a real DeepSpeed engine (gloo, one rank, ZeRO 0) equals plain Adam."""
+    """Fine-tuning through a real DeepSpeed engine (gloo, one rank, ZeRO 0) equals plain Adam.
+
+    In its own process, as a user runs it: DeepSpeed keeps process-group state per process.
+    """
     full_tmp, _, _, full_store = uninterrupted
-    config = parse_config(tiny_config(full_tmp, tmp_path / "run", finetune={"backend": "deepspeed"}))
-    run(config, until=1)
+    data = tiny_config(full_tmp, tmp_path / "run", finetune={"backend": "deepspeed"})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-m", "safecb.cli", "run", "--config", str(config_file), "--until", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     store = RunStore(str(tmp_path / "run"))
     mine, theirs = store.read_codebook(1)[0]["codebook"], full_store.read_codebook(1)[0]["codebook"]
     assert store.read_metrics()[1]["finetune_steps"] > 0
