@@ -92,8 +92,6 @@ def report(
 ) -> None:
     """Show a run's iterations (metrics.jsonl, one row per iteration) and its final decision."""
     try:
-        from rich.table import Table
-
         from safecb.storage import RunStore
 
         store = RunStore(run_dir)
@@ -105,17 +103,13 @@ def report(
             for row in rows:
                 typer.echo(json.dumps(row))
             return
-        columns = [c for c in ("iteration", "codebook_version", "pairs", "unsafe_rate_self", "unsafe_rate_external",
-                               "unsafe_rate_external_separable", "unsafe_rate_external_entangled", "fidelity",
-                               "decision") if any(c in r for r in rows)]
-        table = Table(title=store.url)
-        for column in columns:
-            table.add_column(column.replace("unsafe_rate_", "unsafe_"))
-        for row in rows:
-            table.add_row(*(str(row.get(c, "")) for c in columns))
-        Console().print(table)
+        from safecb.controller import print_metrics_table
+
+        print_metrics_table(rows, store.url, Console())
         if store.exists("final.json"):
-            Console().print(f"final: {store.read_text('final.json').strip()}")
+            final = json.loads(store.read_text("final.json"))
+            Console().print(f"final: codebook v{final['chosen_version']:04d} ({final['by']}={final['value']}); "
+                            f"{final['stop_reason']}")
     except _expected_errors() as err:
         _fail(err)
 
