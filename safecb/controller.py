@@ -297,6 +297,14 @@ class Controller:
     def _print_table(self, metrics: list[dict]) -> None:
         print_metrics_table(metrics, f"safecb run {self.config.run_id} — {self.store.url}", self.console)
 
+    def evaluate_version(self, version: int) -> dict:
+        """Evaluate a stored codebook version of this run on the eval prompts. Writes nothing."""
+        self.prepare(resume=True, must_exist=True)
+        if version not in self.store.codebook_versions():
+            raise RunError(f"{self.store.url}: no codebook v{version:04d} (have {self.store.codebook_versions()})")
+        self.model.set_codebook(self.store.read_codebook(version)[0]["codebook"], version)
+        return {"codebook_version": version, **self._evaluate(version, version)[0]}
+
 
 # metrics key → short header, so the table fits an 80-column terminal ("sep"/"ent": the external
 # judge's unsafe rate on separable / entangled harm categories; "fid": benign fidelity)
