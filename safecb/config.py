@@ -127,6 +127,10 @@ class PairingConfig(Section):
     lexicon: dict[str, str] = {}
     builtin_lexicon: Literal["world"] | None = None  # merged under `lexicon`
     use_safe_sample: bool = True  # a safe sample of the same prompt is an alternative counterpart
+    # "resample": draw the counterpart freely with the same seed (a true sample, but autoregressive drift
+    # makes it differ at most positions); "teacher_forced": redraw each position given the harmful
+    # grid's prefix (differs where the prompts disagree; the harmful prefix can drag the harm along).
+    alignment: Literal["resample", "teacher_forced"] = "resample"
 
 
 class HarmfulSpaceConfig(Section):

@@ -92,7 +92,8 @@ def collect_shard(model: UnifiedModel, prompts: list[Prompt], config: RunConfig,
                   lexicon: dict[str, str]) -> ShardResult:
     """Generate + self-judge the shard's prompts, then pair every unsafe image with a safe counterpart.
 
-    Counterparts: the rewritten prompt with the same seed (aligned grid), kept only when judged safe;
+    Counterparts: the rewritten prompt with the same seed — freely resampled, or teacher-forced on the
+    harmful grid (`pairing.alignment`) — kept only when judged safe;
     failing that, a safe sample of the same prompt (not aligned: used for harm scores, not the space).
     """
     result = ShardResult()
@@ -119,8 +120,12 @@ def collect_shard(model: UnifiedModel, prompts: list[Prompt], config: RunConfig,
     redo = [i for i in unsafe if safe_text[jobs[i][0].text]]
     paired: set[int] = set()
     if redo:
-        c_tokens, c_probs = generate_and_judge(model, [safe_text[jobs[i][0].text] for i in redo],
-                                               [jobs[i][2] for i in redo], config)
+        safe_prompts, seeds = [safe_text[jobs[i][0].text] for i in redo], [jobs[i][2] for i in redo]
+        if config.pairing.alignment == "teacher_forced":
+            c_tokens = model.counterpart_tokens(safe_prompts, seeds, tokens[redo], sampling_params(config))
+            c_probs = judge_tokens(model, c_tokens, config)
+        else:
+            c_tokens, c_probs = generate_and_judge(model, safe_prompts, seeds, config)
         for j, i in enumerate(redo):
             p, k, s = jobs[i]
             counterpart = row(p.prompt_id, safe_text[p.text], k, s, c_tokens[j], c_probs[j], "counterpart")

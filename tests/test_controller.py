@@ -121,3 +121,16 @@ def test_deepspeed_backend_builds_the_same_codebook(uninterrupted, tmp_path):
     mine, theirs = store.read_codebook(1)[0]["codebook"], full_store.read_codebook(1)[0]["codebook"]
     assert store.read_metrics()[1]["finetune_steps"] > 0
     assert (mine - theirs).abs().max() < 1e-6
+
+
+def test_teacher_forced_counterparts_make_aligned_pairs(tmp_path):
+    config = parse_config(tiny_config(tmp_path, tmp_path / "run", pairing={"alignment": "teacher_forced"},
+                                      stop={"max_iters": 1}))
+    run(config)
+    store = RunStore(str(tmp_path / "run"))
+    pairs = store.read_table(store.read_manifest(1), "pairs", PAIR_SCHEMA).to_pylist()
+    aligned = [p for p in pairs if p["counterpart"] == "rewrite"]
+    assert aligned, "expected same-seed counterparts judged safe"
+    for pair in aligned:
+        assert len(pair["safe_tokens"]) == len(pair["harmful_tokens"])
+        assert pair["safe_tokens"] != pair["harmful_tokens"]

@@ -31,6 +31,11 @@ class UnifiedModel(Protocol):
     def generate_tokens(self, prompts: list[str], seeds: list[int], params: SamplingParams) -> torch.Tensor:
         """Image tokens (B, N) int64; a sample depends only on (prompt, seed), not on the batch."""
 
+    def counterpart_tokens(self, prompts: list[str], seeds: list[int], tokens: torch.Tensor,
+                           params: SamplingParams) -> torch.Tensor:
+        """Position-aligned counterparts (B, N) of `tokens` (B, N): each position redrawn under `prompts`
+        given the original grid's prefix, with the same seed noise."""
+
     def decode(self, tokens: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [0, 1] from tokens (B, N), with `codebook` (K, D) if given."""
 
