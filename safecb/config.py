@@ -159,7 +159,6 @@ class FinetuneConfig(Section):
     quality_budget: Positive = 0.02  # max held-out keep-loss drift before early stop
     check_every: int = Field(10, ge=1)  # steps between held-out quality checks
     holdout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
-    train_generation_embeddings: bool = False
     # "torch": plain Adam in-process (fast start, the embedded default); "deepspeed": the same step
     # run by a DeepSpeed engine (gloo on CPU, NCCL on GPUs), data-parallel when launched on several ranks.
     backend: Literal["torch", "deepspeed"] = "torch"
