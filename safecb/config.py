@@ -139,6 +139,10 @@ class HarmfulSpaceConfig(Section):
     smoothing: Positive = 1.0  # additive count smoothing of the per-code log-odds
     harm_score_min: float = 1.0  # codes with log-odds above this are harmful
     top_q: int | None = Field(None, ge=1)  # instead: the q codes with the highest scores
+    # Which images score the codes: "pairs" — harmful pair grids vs safe images (hard judge threshold);
+    # "soft" — every judged image, weighted by the self-judge's P(unsafe)^sharpness (and its complement).
+    evidence: Literal["pairs", "soft"] = "pairs"
+    sharpness: Positive = 1.0
 
 
 class ProjectionConfig(Section):

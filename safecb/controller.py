@@ -139,9 +139,9 @@ class Controller:
         provisional = self._manifest(iteration, iteration - 1, {"generations": gen_records, "pairs": pair_records}, {})
         pairs = self.store.read_table(provisional, "pairs", PAIR_SCHEMA).to_pylist()
         generations = self.store.read_table(provisional, "generations", GENERATION_SCHEMA)
-        safe_rows = [r for r in generations.select(["tokens", "unsafe"]).to_pylist() if not r["unsafe"]]
+        judged = generations.select(["tokens", "unsafe", "max_unsafe_prob"]).to_pylist()
         with self.timed("update codebook"):
-            update = self._update(state, pairs, safe_rows)
+            update = self._update(state, pairs, judged)
         state.codebook = update.codebook
         self._write_codebook(update.codebook, iteration, iteration - 1, iteration, update.report)
         self.model.set_codebook(update.codebook, iteration)
@@ -170,13 +170,17 @@ class Controller:
                 progress.advance(task)
         return gen_records, pair_records
 
-    def _update(self, state: LoopState, pairs: list[dict], safe_rows: list[dict]):
+    def _update(self, state: LoopState, pairs: list[dict], judged: list[dict]):
         num_tokens = self.model.num_image_tokens
+        safe_rows = [r for r in judged if not r["unsafe"]]
         harm = torch.tensor([p["harmful_tokens"] for p in pairs], dtype=torch.long).view(-1, num_tokens)
         safe = torch.tensor([p["safe_tokens"] for p in pairs], dtype=torch.long).view(-1, num_tokens)
         aligned = torch.tensor([p["counterpart"] == "rewrite" for p in pairs], dtype=torch.bool)
         keep = torch.tensor([r["tokens"] for r in safe_rows], dtype=torch.long).view(-1, num_tokens)
-        return update_codebook(self.model, state.codebook, state.codebook_v0, harm, safe, aligned, keep, self.config)
+        all_tokens = torch.tensor([r["tokens"] for r in judged], dtype=torch.long).view(-1, num_tokens)
+        all_probs = torch.tensor([r["max_unsafe_prob"] for r in judged], dtype=torch.float32)
+        return update_codebook(self.model, state.codebook, state.codebook_v0, harm, safe, aligned, keep, self.config,
+                               all_tokens, all_probs)
 
     # ---- evaluation --------------------------------------------------------------------------
     def _eval_jobs(self) -> list[tuple[Prompt, int, int, str]]:

@@ -17,7 +17,7 @@ from safecb.config import RunConfig
 from safecb.models.base import SamplingParams, UnifiedModel
 from safecb.prompts import Prompt
 from safecb.training.finetune import TorchAdam, adaptive_step_scale, finetune_codebook
-from safecb.training.harmful_space import aligned_differences, harm_scores, harmful_space
+from safecb.training.harmful_space import aligned_differences, harm_scores, harmful_space, soft_harm_scores
 from safecb.training.projection import code_step_sizes, project_codebook, safe_mean
 
 
@@ -161,19 +161,26 @@ class CodebookUpdate:
 
 def update_codebook(model: UnifiedModel, codebook: torch.Tensor, codebook_v0: torch.Tensor,
                     harm_tokens: torch.Tensor, safe_tokens: torch.Tensor, aligned: torch.Tensor,
-                    keep_tokens: torch.Tensor, config: RunConfig) -> CodebookUpdate:
+                    keep_tokens: torch.Tensor, config: RunConfig, judged_tokens: torch.Tensor | None = None,
+                    judged_probs: torch.Tensor | None = None) -> CodebookUpdate:
     """Harmful Space → projection → fine-tuning, from one iteration's pairs.
 
     harm_tokens, safe_tokens: (P, N) pair grids; aligned: (P,) bool, True for same-seed rewrite pairs
     (only those define the space); keep_tokens: (S, N) grids of images judged safe (for L_keep and
-    safe usage counts).
+    safe usage counts); judged_tokens (M, N) with judged_probs (M,): every image of the iteration and
+    its self-judged P(unsafe), for `harmful_space.evidence: soft`.
     """
     hs, proj, ft = config.harmful_space, config.projection, config.finetune
     num_codes = codebook.shape[0]
     codes_h, codes_s = aligned_differences(harm_tokens[aligned], safe_tokens[aligned])
     space = harmful_space(codebook, codes_h, codes_s, energy=hs.energy, max_rank=hs.max_rank)
-    safe_all = torch.cat([safe_tokens.reshape(-1), keep_tokens.reshape(-1)])
-    scores = harm_scores(harm_tokens, safe_all, num_codes, smoothing=hs.smoothing, score_min=hs.harm_score_min, top_q=hs.top_q)
+    if hs.evidence == "soft" and judged_tokens is not None and judged_tokens.shape[0] > 0:
+        scores = soft_harm_scores(judged_tokens, judged_probs, num_codes, smoothing=hs.smoothing,
+                                  score_min=hs.harm_score_min, top_q=hs.top_q, sharpness=hs.sharpness)
+    else:
+        safe_all = torch.cat([safe_tokens.reshape(-1), keep_tokens.reshape(-1)])
+        scores = harm_scores(harm_tokens, safe_all, num_codes, smoothing=hs.smoothing, score_min=hs.harm_score_min,
+                             top_q=hs.top_q)
     alphas = code_step_sizes(scores, proj.alpha, proj.safe_use_damping)
     projected = codebook
     if proj.enabled:

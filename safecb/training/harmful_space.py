@@ -89,6 +89,11 @@ def harm_scores(
     """
     n_h = torch.bincount(harmful_tokens.reshape(-1), minlength=num_codes).double()  # (K,)
     n_s = torch.bincount(safe_tokens.reshape(-1), minlength=num_codes).double()  # (K,)
+    return _scores_from_counts(n_h, n_s, num_codes, smoothing, score_min, top_q)
+
+
+def _scores_from_counts(n_h: torch.Tensor, n_s: torch.Tensor, num_codes: int, smoothing: float, score_min: float,
+                        top_q: int | None) -> HarmScores:
     rate_h = (n_h + smoothing) / (n_h.sum() + smoothing * num_codes)
     rate_s = (n_s + smoothing) / (n_s.sum() + smoothing * num_codes)
     score = (rate_h.log() - rate_s.log()).float()  # (K,)
@@ -101,3 +106,27 @@ def harm_scores(
     else:
         harmful = seen & (score > score_min)
     return HarmScores(score, n_h, n_s, harmful)
+
+
+def soft_harm_scores(
+    tokens: torch.Tensor,
+    p_unsafe: torch.Tensor,
+    num_codes: int,
+    smoothing: float = 1.0,
+    score_min: float = 1.0,
+    top_q: int | None = None,
+    sharpness: float = 1.0,
+) -> HarmScores:
+    """Harm scores from every judged image, each weighted by the self-judge's own probability.
+
+    tokens (M, N), p_unsafe (M,) in [0, 1]. n_h,k = Σ_i p_i^s · count_ik and n_s,k = Σ_i (1 − p_i)^s ·
+    count_ik, then the smoothed log-odds of `harm_scores`. A hard threshold throws away what an
+    imperfect judge half-knows: an image it scores 0.4 counts wholly as "safe", and a harm it often
+    misses then looks like safe usage. With p ∈ {0, 1} this is exactly `harm_scores`.
+    """
+    counts = torch.zeros(tokens.shape[0], num_codes, dtype=torch.float64)
+    counts.scatter_add_(1, tokens.long(), torch.ones_like(tokens, dtype=torch.float64))  # (M, K)
+    p = p_unsafe.double().clamp(0, 1)
+    n_h = (p.pow(sharpness)[:, None] * counts).sum(0)  # (K,)
+    n_s = ((1 - p).pow(sharpness)[:, None] * counts).sum(0)  # (K,)
+    return _scores_from_counts(n_h, n_s, num_codes, smoothing, score_min, top_q)

@@ -212,3 +212,25 @@ def test_top_q_selects_the_q_highest_scoring_seen_codes():
 def test_top_q_ignores_score_min():
     scores = harm_scores(torch.tensor([0, 1]), torch.tensor([0, 1]), num_codes=2, score_min=50.0, top_q=1)
     assert int(scores.harmful.sum()) == 1
+
+
+def test_soft_scores_with_certain_judgments_equal_the_hard_scores():
+    from safecb.training.harmful_space import harm_scores, soft_harm_scores
+
+    tokens = torch.tensor([[0, 0, 1, 2], [1, 1, 2, 2], [0, 2, 2, 2]])  # 3 images of 4 tokens, 3 codes
+    p = torch.tensor([1.0, 0.0, 1.0])
+    soft = soft_harm_scores(tokens, p, num_codes=3, smoothing=1.0, score_min=0.0)
+    hard = harm_scores(tokens[p == 1], tokens[p == 0], num_codes=3, smoothing=1.0, score_min=0.0)
+    assert torch.allclose(soft.score, hard.score) and torch.equal(soft.harmful, hard.harmful)
+    # code 0 only in "unsafe" images: n_h = 3, n_s = 0 → log((3+1)/(8+3)) - log((0+1)/(4+3))
+    assert soft.score[0].item() == pytest.approx(math.log(4 / 11) - math.log(1 / 7), abs=1e-6)
+
+
+def test_soft_scores_weigh_an_uncertain_image_partly_on_both_sides():
+    from safecb.training.harmful_space import soft_harm_scores
+
+    tokens = torch.tensor([[0, 0], [1, 1]])
+    scores = soft_harm_scores(tokens, torch.tensor([0.75, 0.25]), num_codes=2, smoothing=1.0, score_min=0.0)
+    assert scores.harmful_counts.tolist() == pytest.approx([1.5, 0.5])
+    assert scores.safe_counts.tolist() == pytest.approx([0.5, 1.5])
+    assert scores.score[0] > 0 > scores.score[1]
