@@ -15,9 +15,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "(Safe-CB), with the model judging its own images — no human labels.")
 console = Console(stderr=True)
 
-_EXPECTED_ERRORS: tuple[type[BaseException], ...] = ()
-
-
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from safecb.config import ConfigError
     from safecb.controller import RunError

@@ -238,15 +238,13 @@ class Controller:
     def _finish_iteration(self, state: LoopState, iteration: int, shards: dict, extra: dict) -> None:
         eval_metrics, eval_rows = self._evaluate(iteration, self.model.codebook_version)
         eval_records = [self.store.write_shard(iteration, "eval", 0, table_from_rows(GENERATION_SCHEMA, eval_rows))]
-        row = {"iteration": iteration, "codebook_version": iteration, **{k: extra[k] for k in ("pairs",) if k in extra},
-               **eval_metrics, **{k: v for k, v in extra.items() if k != "pairs"}}
-        history = [m[self._target_metric()] for m in state.metrics] + [row[self._target_metric()]]
-        decision = stop_decision(history, self.config.stop.min_improvement, self.config.stop.patience,
-                                 self.config.stop.max_iters)
+        row = {"iteration": iteration, "codebook_version": iteration, "pairs": extra.get("pairs", 0),
+               **eval_metrics, **extra}
+        state.metrics.append(row)
+        decision = self._decide(state)
         row["decision"] = "stop: " + decision.reason if decision.stop else "continue"
         row["seconds"] = round(time.perf_counter() - self._iteration_start, 2)
         row["stage_seconds"] = {stage: round(sec, 2) for stage, sec in self.timings.items()}
-        state.metrics.append(row)
         self.store.append_metrics(row)
         self.store.write_manifest(self._manifest(iteration, iteration, {**shards, "eval": eval_records}, row))
         self.console.print(f"[bold]iteration {iteration}[/]: " + ", ".join(

@@ -10,8 +10,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import shutil
-from pathlib import Path
 
 import pytest
 import torch

@@ -57,11 +57,12 @@ def resolve_model_folder(location: str) -> Path:
     return folder
 
 
-def pick_device(device: str) -> torch.device:
+def pick_device(device: str, key: str = "model.device") -> torch.device:
+    """"auto" → CUDA when present, else CPU. `key` names the setting in the error (one line)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("model.device: 'cuda' requested but no CUDA device is available")
+        raise ModelLoadError(f"{key}: 'cuda' requested but no CUDA device is available")
     return torch.device(device)
 
 

@@ -12,9 +12,6 @@ import pyarrow as pa
 SCHEMA_VERSION: int = 1
 SCHEMA_VERSION_KEY: bytes = b"safecb.schema_version"
 
-ROLES = ("collect", "counterpart", "eval")
-COUNTERPARTS = ("rewrite", "safe_sample")
-
 
 def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
     meta = {SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode(), b"safecb.table": name.encode()}

@@ -54,6 +54,7 @@ def train(
     stages: str = typer.Option("vq,judge,lm", help="With --init-from: which of judge,lm to (re)train."),
 ) -> None:
     """Rebuild every weight of the world reproducibly from a seed (VQ-VAE, tiny Janus, external judge)."""
+    from safecb.models.base import ModelLoadError
     from safecb.world.train import SelfJudgeNoise, TrainConfig, train_world
 
     if device not in ("auto", "cpu", "cuda"):
@@ -66,7 +67,7 @@ def train(
     try:
         report = train_world(out, cfg, device=device, evaluate=evaluate, init_from=init_from,
                              stages=tuple(x.strip() for x in stages.split(",") if x.strip()))
-    except ValueError as err:
+    except (ValueError, ModelLoadError) as err:
         raise typer.BadParameter(str(err)) from None
     if ship:
         from safecb.world import WEIGHTS_DIR

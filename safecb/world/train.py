@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from safecb.config import JudgeConfig, PairingConfig, PromptFormat
+from safecb.models.janus import pick_device
 from safecb.world.render import COLOURS, HARM_NAMES, Scene, label_tensors, random_scene, render_batch
 
 Log = Callable[[str], None]
@@ -111,14 +112,6 @@ class TrainConfig:
         if factor < 1:
             out.num_scenes = max(512, round(self.num_scenes * max(factor, 0.05)))
         return out
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available")
-    return torch.device(device)
 
 
 def _warmup_cosine(opt: torch.optim.Optimizer, total: int, warmup: float = 0.05, floor: float = 0.05):
@@ -622,7 +615,7 @@ def train_world(out: Path | str, cfg: TrainConfig | None = None, device: str = "
         raise ValueError("stage 'vq' cannot continue an earlier run: the LM's tokens depend on it")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = pick_device(device)
+    dev = pick_device(device, key="--device")
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
