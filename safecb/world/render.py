@@ -48,6 +48,7 @@ HARM_NAMES = list(HARMS)
 BLOOD_RGB = COLOURS["red"]
 FIRE_RGBS = (COLOURS["orange"], COLOURS["yellow"])
 WEAPON_RGB = (225, 0, 225)  # magenta
+WEAPON_EDGE_RGB = (255, 150, 255)  # the blade's bright edge, pink-white
 DRUGS_RGB = ((0, 225, 225), (120, 0, 200))  # cyan / violet checks
 
 _YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5  # pixel centres (H, W)
@@ -97,59 +98,87 @@ def _segment_mask(x0: float, y0: float, x1: float, y1: float, width: float) -> n
     return px * px + py * py <= width * width
 
 
+# Harms are drawn on the token grid: every mark fills or sits inside whole 4×4 cells, the patches
+# the VQ tokenizes one by one. Off-grid marks land in patches that are mostly scene, so the VQ gives
+# them the scene's codes and the contextual decoder paints the harm back from the neighbours (what
+# the first world measured: MODEL_CARD.md). On the grid, a harm's patches are harm through and
+# through, and whether they get codes of their own is decided by their *look* alone: a colour no
+# benign image has (separable) or the benign palette (entangled).
+CELL = 4  # pixels per token patch (the VQ's downsampling factor)
+GRID = IMAGE_SIZE // CELL
+_CY, _CX = np.mgrid[0:CELL, 0:CELL].astype(np.float32) + 0.5  # pixel centres inside a cell
+
+
+def _cell(img_or_mask: np.ndarray, row: int, col: int) -> np.ndarray:
+    """A view of one token cell (CELL, CELL, …)."""
+    return img_or_mask[row * CELL:(row + 1) * CELL, col * CELL:(col + 1) * CELL]
+
+
+def _border_run(rng: np.random.Generator, length: int) -> list[tuple[int, int]]:
+    """`length` consecutive cells along one edge row or column of the grid (the shape sits in the middle)."""
+    start = int(rng.integers(0, GRID - length + 1))
+    edge = int(rng.choice([0, GRID - 1]))
+    along = [start + i for i in range(length)]
+    return [(edge, c) for c in along] if rng.random() < 0.5 else [(r, edge) for r in along]
+
+
 def _draw_blood(img: np.ndarray, rng: np.random.Generator, faint: bool, shape: np.ndarray) -> None:
-    """Dots around (not on) the shape, so they stay visible on a red shape too."""
-    n = int(rng.integers(2, 4)) if faint else int(rng.integers(7, 13))
-    cx, cy = rng.uniform(7, 25, size=2)
+    """One dot of the shapes' own red in each of a cluster of cells off the shape."""
+    n = int(rng.integers(1, 3)) if faint else int(rng.integers(4, 8))
+    free = [(r, c) for r in range(GRID) for c in range(GRID) if not _cell(shape, r, c).any()]
+    centre = free[int(rng.integers(len(free)))]
+    free.sort(key=lambda rc: (rc[0] - centre[0]) ** 2 + (rc[1] - centre[1]) ** 2 + rng.uniform(0, 2))
     colour = _rgb(BLOOD_RGB, rng, 10)
-    for _ in range(n):
-        x, y = np.clip([cx, cy] + rng.normal(0, 4.5, size=2), 1.5, IMAGE_SIZE - 1.5)
-        rad = rng.uniform(1.0, 1.7)
-        img[((_XX - x) ** 2 + (_YY - y) ** 2 <= rad * rad) & ~shape] = colour
+    for r, c in free[:n]:
+        x, y = rng.uniform(1.6, CELL - 1.6, size=2)
+        rad = rng.uniform(1.2, 1.6)
+        _cell(img, r, c)[(_CX - x) ** 2 + (_CY - y) ** 2 <= rad * rad] = colour
 
 
 def _draw_fire(img: np.ndarray, rng: np.random.Generator, faint: bool, shape: np.ndarray) -> None:
-    n = 1 if faint else int(rng.integers(3, 6))
-    heights = rng.uniform(5, 7, size=n) if faint else rng.uniform(9, 15, size=n)
-    xs = rng.uniform(3, IMAGE_SIZE - 3, size=n)
-    for x0, h in zip(xs, heights):
-        w = rng.uniform(2.5, 4.5)
-        colour = _rgb(FIRE_RGBS[int(rng.integers(2))], rng, 10)
-        rise = IMAGE_SIZE - _YY  # height above the bottom edge
-        img[rise <= h * (1 - np.abs(_XX - x0) / w)] = colour
-
-
-def _corner(rng: np.random.Generator, size: float) -> tuple[float, float]:
-    """Top-left of a box of `size` px near one of the four corners."""
-    far = IMAGE_SIZE - size - 1
-    x = rng.uniform(1, 4) if rng.random() < 0.5 else far - rng.uniform(0, 3)
-    y = rng.uniform(1, 4) if rng.random() < 0.5 else far - rng.uniform(0, 3)
-    return x, y
+    """Flame tongues rising from the bottom edge, one cell wide, in the shapes' own orange and yellow:
+    an orange body around a yellow core (no benign shape mixes two colours), under a pointed tip."""
+    n = 1 if faint else int(rng.integers(2, 4))
+    cols = rng.choice(GRID, size=n, replace=False)
+    body, core = (_rgb(c, rng, 10) for c in FIRE_RGBS)
+    inner = np.abs(_CX - CELL / 2) <= 1.0  # the middle two columns of a cell
+    for col in cols:
+        height = 1 if faint else int(rng.integers(2, 4))  # cells under the tip
+        for k in range(height):
+            patch = _cell(img, GRID - 1 - k, int(col))
+            patch[:] = body
+            patch[inner] = core
+        tip = np.abs(_CX - CELL / 2) <= 0.5 * _CY  # a triangle pointing up, two pixels wide at the top
+        _cell(img, GRID - 1 - height, int(col))[tip] = body
 
 
 def _draw_weapon(img: np.ndarray, rng: np.random.Generator, faint: bool, shape: np.ndarray) -> None:
-    length = rng.uniform(6, 7.5) if faint else rng.uniform(11, 15)
-    box = length / np.sqrt(2)
-    x, y = _corner(rng, box)
-    flip = rng.random() < 0.5  # "\" or "/"
-    x0, y0, x1, y1 = (x, y, x + box, y + box) if not flip else (x, y + box, x + box, y)
-    colour = _rgb(WEAPON_RGB, rng, 8)
-    mask = _segment_mask(x0, y0, x1, y1, 1.05)
-    if not faint:  # a crossguard a quarter of the way from the hilt
-        gx, gy = x0 + 0.25 * (x1 - x0), y0 + 0.25 * (y1 - y0)
-        nx, ny = -(y1 - y0) / length, (x1 - x0) / length  # unit normal
-        mask |= _segment_mask(gx - 3 * nx, gy - 3 * ny, gx + 3 * nx, gy + 3 * ny, 0.9)
-    img[mask] = colour
+    """A magenta blade along an edge of the frame: whole cells, a bright edge line down the middle."""
+    length = int(rng.integers(1, 3)) if faint else int(rng.integers(3, 5))
+    cells = _border_run(rng, length)
+    blade, edge = _rgb(WEAPON_RGB, rng, 8), _rgb(WEAPON_EDGE_RGB, rng, 8)
+    horizontal = len({r for r, _ in cells}) == 1
+    for r, c in cells:
+        patch = _cell(img, r, c)
+        patch[:] = blade
+        if horizontal:
+            patch[1:3, :] = edge
+        else:
+            patch[:, 1:3] = edge
 
 
 def _draw_drugs(img: np.ndarray, rng: np.random.Generator, faint: bool, shape: np.ndarray) -> None:
-    size = int(rng.integers(4, 6)) if faint else int(rng.integers(8, 11))
-    x, y = _corner(rng, size)
-    inside = (_XX >= x) & (_XX < x + size) & (_YY >= y) & (_YY < y + size)
-    checks = ((np.floor((_XX - x) / 2) + np.floor((_YY - y) / 2)) % 2).astype(bool)
+    """A cyan/violet checkerboard (2-px checks) filling a 2×2-cell block in a corner (one cell if faint)."""
+    side = 1 if faint else 2
+    row = 0 if rng.random() < 0.5 else GRID - side
+    col = 0 if rng.random() < 0.5 else GRID - side
     a, b = (_rgb(c, rng, 8) for c in DRUGS_RGB)
-    img[inside & checks] = a
-    img[inside & ~checks] = b
+    checks = ((np.floor(_CX / 2) + np.floor(_CY / 2)) % 2).astype(bool)
+    for r in range(row, row + side):
+        for c in range(col, col + side):
+            patch = _cell(img, r, c)
+            patch[checks] = a
+            patch[~checks] = b
 
 
 _DRAW = {"blood": _draw_blood, "fire": _draw_fire, "weapon": _draw_weapon, "drugs": _draw_drugs}
