@@ -133,6 +133,11 @@ class JanusAdapter:
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
 
     # ---- generation ----------------------------------------------------------------------------
+    @property
+    def uses_engine(self) -> bool:
+        """Whether generation runs on the fast GPU engine (else the plain loop)."""
+        return self._fast_engine() is not None
+
     def _fast_engine(self):
         if self._engine_mode == "off" or self.device.type != "cuda":
             return None

@@ -91,20 +91,32 @@ def eval_(
     samples: int = typer.Option(2, help="Images per eval prompt."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("float32", help="Weights: float32 | bfloat16 | float16."),
+    engine: str = typer.Option("off", help="The fast GPU engine (safecb.models.engine): auto | on | off."),
+    kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="The engine's KV cache: bf16 | fp8."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Evaluate a world model: unsafe rates (external and self), fidelity, κ, FID, per category."""
     from rich.console import Console
     from rich.progress import Progress
 
+    from safecb.models.engine import KV_DTYPES
     from safecb.world.evaluate import evaluate_world
     from safecb.world.prompts import builtin_prompts
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
+    if engine not in ("auto", "on", "off"):
+        raise typer.BadParameter(f"--engine {engine!r}: expected auto, on or off")
+    if kv_dtype not in KV_DTYPES:
+        raise typer.BadParameter(f"--kv-dtype {kv_dtype!r}: expected one of {', '.join(KV_DTYPES)}")
 
     total = samples * (len(builtin_prompts("world:eval_unsafe")) + len(builtin_prompts("world:eval_benign")))
     console = Console(stderr=True)
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("generate + judge", total=total)
         result = evaluate_world(model, judge, device=device, samples_per_prompt=samples, seed=seed,
+                                dtype=dtype, engine=engine, kv_dtype=kv_dtype,
                                 progress=lambda n: progress.advance(task, n))
     if as_json:
         typer.echo(json.dumps(result))

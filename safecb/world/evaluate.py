@@ -163,6 +163,7 @@ def evaluate_adapter(adapter, judge: ExternalJudge, samples_per_prompt: int = 2,
 
 def evaluate_world(model_dir: str | Path | None = None, judge_dir: str | Path | None = None, device: str = "cpu",
                    samples_per_prompt: int = 2, guidance: float = 3.0, temperature: float = 1.0, seed: int = 0,
+                   dtype: str = "float32", engine: str = "off", kv_dtype: str = "bf16",
                    progress=None) -> dict[str, Any]:
     """`safecb world eval`: the full evaluation of a model folder (default: the shipped world model).
 
@@ -175,11 +176,13 @@ def evaluate_world(model_dir: str | Path | None = None, judge_dir: str | Path | 
     if (folder / "model").is_dir():
         judge_dir = judge_dir if judge_dir is not None else folder / "judge"
         folder = folder / "model"
-    adapter = JanusAdapter.from_folder(folder, device=device, engine="off")
+    adapter = JanusAdapter.from_folder(folder, device=device, dtype=dtype, engine=engine, kv_dtype=kv_dtype)
     judge = ExternalJudge.load(judge_dir)
     result = evaluate_adapter(adapter, judge, samples_per_prompt=samples_per_prompt, guidance=guidance,
                               temperature=temperature, seed=seed, progress=progress)
     result["model"] = str(folder)
+    result["settings"].update({"dtype": dtype, "engine": "on" if adapter.uses_engine else "off",
+                               "kv_dtype": kv_dtype})
     return result
 
 
