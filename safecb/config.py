@@ -149,6 +149,8 @@ class ProjectionConfig(Section):
     enabled: bool = True
     alpha: Fraction = 1.0  # step for the most harmful, least safe-used code
     safe_use_damping: NonNegative = 1.0  # how much a code's use in safe images slows it down
+    # harm score (log-odds) from which a code takes the whole step; null: relative to the top score
+    full_score: Positive | None = 2.0
 
 
 class FinetuneConfig(Section):

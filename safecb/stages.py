@@ -181,7 +181,7 @@ def update_codebook(model: UnifiedModel, codebook: torch.Tensor, codebook_v0: to
         safe_all = torch.cat([safe_tokens.reshape(-1), keep_tokens.reshape(-1)])
         scores = harm_scores(harm_tokens, safe_all, num_codes, smoothing=hs.smoothing, score_min=hs.harm_score_min,
                              top_q=hs.top_q)
-    alphas = code_step_sizes(scores, proj.alpha, proj.safe_use_damping)
+    alphas = code_step_sizes(scores, proj.alpha, proj.safe_use_damping, proj.full_score)
     projected = codebook
     if proj.enabled:
         projected = project_codebook(codebook, space, alphas, safe_mean(codebook, scores.safe_counts))

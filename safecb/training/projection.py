@@ -20,22 +20,28 @@ def safe_mean(codebook: torch.Tensor, safe_counts: torch.Tensor) -> torch.Tensor
     return (weights[:, None] * unit).sum(0) / weights.sum()
 
 
-def code_step_sizes(scores: HarmScores, alpha: float, safe_use_damping: float = 1.0) -> torch.Tensor:
-    """α_k (K,): alpha × (harm score / the largest harm score) × (1 − damping × safe share), clamped ≥ 0.
+def code_step_sizes(scores: HarmScores, alpha: float, safe_use_damping: float = 1.0,
+                    full_score: float | None = None) -> torch.Tensor:
+    """α_k (K,): alpha × strength_k × (1 − damping × safe share), clamped ≥ 0; codes that are not harmful get 0.
 
+    strength_k = min(1, score_k / full_score): a code at least e^full_score times more frequent in
+    harmful than in safe images takes the whole step. With full_score None, strength is relative to
+    the largest score, which lets one very frequent code (say a big flame) hold back every rarer but
+    just as harmful one (a few blood dots) — measured on the world: MODEL_CARD.md.
     The safe share n_s,k / (n_s,k + n_h,k) is how much of a code's use is in safe images: a code that
-    safe images need moves less. Codes that are not harmful get 0.
+    safe images need moves less.
     """
     harmful = scores.harmful
     alphas = torch.zeros_like(scores.score)
     if not bool(harmful.any()):
         return alphas
     positive = scores.score.clamp_min(0)
-    relative = positive / positive[harmful].max().clamp_min(1e-12)  # (K,) in [0, 1] on harmful codes
+    scale = positive[harmful].max() if full_score is None else torch.tensor(full_score, dtype=positive.dtype)
+    strength = (positive / scale.clamp_min(1e-12)).clamp(max=1.0)  # (K,) in [0, 1]
     total = (scores.safe_counts + scores.harmful_counts).clamp_min(1)
     safe_share = (scores.safe_counts / total).to(alphas.dtype)  # (K,)
     damping = (1 - safe_use_damping * safe_share).clamp(0, 1)
-    alphas[harmful] = (alpha * relative * damping)[harmful]
+    alphas[harmful] = (alpha * strength * damping)[harmful]
     return alphas
 
 

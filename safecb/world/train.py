@@ -84,22 +84,22 @@ class TrainConfig:
     judge_slip_rate: float = 0.2  # share of each external-judge batch drawn from them
     judge_finetune: bool = False  # with --init-from: start the judge from the earlier one, not from scratch
     # language model (generation + understanding + rewrite)
-    lm_steps: int = 2500
+    lm_steps: int = 2000
     gen_batch: int = 256
     und_batch: int = 192
     rewrite_batch: int = 32
     lm_lr: float = 8e-4
     lm_warmup: int = 150
-    # stop after this many steps of the lm_steps schedule (0: run it all). The shipped run was cut at
-    # 2000 of 2500 by its device time limit; this reproduces it exactly.
-    lm_stop_at: int = 2000
+    # stop after this many steps of the lm_steps schedule (0: run it all), e.g. to reproduce a run
+    # that a time limit cut short from its checkpoint
+    lm_stop_at: int = 0
     uncond_rate: float = 0.1
     rewrite_weight: float = 0.3
     noise: SelfJudgeNoise = field(default_factory=SelfJudgeNoise)
     # the quick evaluation at the end (0 samples: skip)
     eval_samples: int = 2
     # write DIR/model every this many LM steps too (0: only at the end), so a cut-short run leaves weights
-    checkpoint_every: int = 0
+    checkpoint_every: int = 500
 
     def scaled(self, factor: float) -> "TrainConfig":
         """Every step count times `factor` (at least 1); the scene count shrinks with it below 1."""

@@ -56,6 +56,14 @@ def test_code_step_sizes_zero_damping_ignores_safe_use():
     assert torch.allclose(alphas, torch.tensor([1.0, 0.5]))
 
 
+def test_code_step_sizes_saturate_at_full_score():
+    # with full_score 2: scores 6 and 2 both take the whole step (a frequent code no longer holds back a
+    # rarer one), 1 takes half of it; relative to the top score (None) they would get 1, 1/3, 1/6.
+    scores = scores_of([6.0, 2.0, 1.0], [True, True, True], [90.0, 3.0, 2.0], [0.0, 0.0, 0.0])
+    assert torch.allclose(code_step_sizes(scores, alpha=1.0, full_score=2.0), torch.tensor([1.0, 1.0, 0.5]))
+    assert torch.allclose(code_step_sizes(scores, alpha=1.0, full_score=None), torch.tensor([1.0, 1 / 3, 1 / 6]))
+
+
 def test_code_step_sizes_without_harmful_codes_are_zero():
     scores = scores_of([2.0, 1.0], [False, False], [3.0, 1.0], [0.0, 0.0])
     assert torch.equal(code_step_sizes(scores, alpha=1.0), torch.zeros(2))

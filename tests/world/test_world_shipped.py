@@ -51,7 +51,7 @@ def test_external_judge_is_accurate_on_fresh_renders(judge):
         assert float((pred[name] == labels[name]).float().mean()) >= 0.95, name
 
 
-def test_tokenizer_is_local_and_separable_codes_exist(adapter):
+def test_tokenizer_is_local_and_every_harm_owns_codes(adapter):
     from safecb.world.evaluate import code_separation
     from safecb.world.train import encode_tokens, load_patch_encoder
 
@@ -64,9 +64,12 @@ def test_tokenizer_is_local_and_separable_codes_exist(adapter):
     changed_patches = torch.nn.functional.max_pool2d(changed_pixels[None, None].float(), 4).flatten().bool()
     assert changed_patches.any()
     assert torch.equal(tokens[0][~changed_patches], tokens[1][~changed_patches])  # nothing moves elsewhere
-    separation = code_separation(adapter.model, encoder, n=300)  # measured: weapon .058, drugs .060, blood .021
-    for separable in ("weapon", "drugs"):
-        assert separation[separable]["token_share_enriched"] > 2 * separation["blood"]["token_share_enriched"]
+    # harms are drawn on the token grid, so each puts its cells on codes >= 5x more frequent in it than
+    # in benign images (measured: blood .086, fire .166, weapon .080, drugs .076 of all its tokens; a
+    # harm covers 1-8 of the 64 cells, so most harm cells are on them)
+    separation = code_separation(adapter.model, encoder, n=300)
+    for harm, row in separation.items():
+        assert row["enriched_codes"] >= 1 and row["token_share_enriched"] >= 0.04, (harm, row)
 
 
 def test_model_generates_harm_when_asked_and_not_otherwise(adapter, judge):
