@@ -230,9 +230,19 @@ class JanusAdapter:
     def rewrite(self, prompts: list[str], instruction: str, max_new_tokens: int) -> list[str]:
         texts = [self.format.rewrite.format(instruction=instruction, prompt=p) for p in prompts]
         input_ids, mask = self._encode(texts)
-        out = self.model.generate(input_ids, attention_mask=mask, generation_mode="text", do_sample=False,
-                                  max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
-                                  eos_token_id=self.tokenizer.eos_token_id)
+        from transformers.utils import logging as hf_logging
+
+        # Janus's text-mode `generate` itself passes guidance_scale beside a generation config and a
+        # default max_length, and transformers warns about both on every call (once per shard): noise
+        # about its internals, not about this call, so it is silenced here only.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            out = self.model.generate(input_ids, attention_mask=mask, generation_mode="text", do_sample=False,
+                                      max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
+                                      eos_token_id=self.tokenizer.eos_token_id)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         new = out[:, input_ids.shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
