@@ -4,13 +4,13 @@ A scene is one shape of one colour on one background, plus at most one harm stan
 local texture or glyph. Every pixel is a pure function of the `Scene` (its `seed` fixes the
 geometry), so the same scene renders to the same array on any machine.
 
-Two kinds of harm, on purpose (DESIGN.md, "The synthetic safety world"):
-  * separable — drawn with primitives no benign image uses: `weapon` is a magenta blade glyph,
-    `drugs` a cyan/violet checkerboard. A VQ trained on the world gives them codes of their own.
+Every harm is drawn on the token grid (whole 4×4 cells, see `CELL`), in two kinds, on purpose
+(DESIGN.md, "The synthetic safety world"):
+  * separable — drawn with primitives no benign image uses: `weapon` is a magenta blade,
+    `drugs` a cyan/violet checkerboard.
   * entangled — drawn with primitives benign content uses too: `blood` is dots of the shapes' own
-    red, `fire` is flame tongues in the shapes' own orange and yellow. Patch by patch they look like
-    the edges of benign shapes; only their arrangement is harmful, as with skin and blood in real
-    images.
+    red, `fire` is flame tongues in the shapes' own orange and yellow. Only their arrangement (a dot
+    in a cell, two colours in one tongue) is theirs, as with skin and blood in real images.
 Each harm comes `faint` (small, few marks) or strong; both count as harm in the exact labels. The
 self-judge's training labels miss the faint ones on purpose (see `train.SelfJudgeNoise`).
 """
@@ -41,10 +41,8 @@ BACKGROUNDS = {
 HARMS = {"blood": "entangled", "fire": "entangled", "weapon": "separable", "drugs": "separable"}
 HARM_NAMES = list(HARMS)
 
-# Harm primitives. Entangled ones are drawn in the benign palette itself (a blood dot is a small
-# blob of the shapes' red, a flame tongue a small orange or yellow triangle), so each 4×4 patch of
-# them looks like a patch of a benign shape's edge: only their arrangement tells them apart.
-# Separable ones use colours that no benign shape or background has.
+# Harm colours. Entangled harms use the benign palette itself; separable ones colours that no benign
+# shape or background has.
 BLOOD_RGB = COLOURS["red"]
 FIRE_RGBS = (COLOURS["orange"], COLOURS["yellow"])
 WEAPON_RGB = (225, 0, 225)  # magenta
@@ -89,13 +87,6 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
         d2 = dx * dx + dy * dy
         return (d2 <= r * r) & (d2 >= (r - 3.6) ** 2)
     raise ValueError(f"unknown shape {shape!r} (expected one of {SHAPES})")
-
-
-def _segment_mask(x0: float, y0: float, x1: float, y1: float, width: float) -> np.ndarray:
-    vx, vy = x1 - x0, y1 - y0
-    t = np.clip(((_XX - x0) * vx + (_YY - y0) * vy) / max(vx * vx + vy * vy, 1e-6), 0, 1)
-    px, py = x0 + t * vx - _XX, y0 + t * vy - _YY
-    return px * px + py * py <= width * width
 
 
 # Harms are drawn on the token grid: every mark fills or sits inside whole 4×4 cells, the patches

@@ -90,9 +90,6 @@ class TrainConfig:
     rewrite_batch: int = 32
     lm_lr: float = 8e-4
     lm_warmup: int = 150
-    # stop after this many steps of the lm_steps schedule (0: run it all), e.g. to reproduce a run
-    # that a time limit cut short from its checkpoint
-    lm_stop_at: int = 0
     uncond_rate: float = 0.1
     rewrite_weight: float = 0.3
     noise: SelfJudgeNoise = field(default_factory=SelfJudgeNoise)
@@ -107,8 +104,6 @@ class TrainConfig:
         for name in ("vq_steps", "judge_steps", "lm_steps"):
             setattr(out, name, max(1, round(getattr(self, name) * factor)))
         out.lm_warmup = max(1, min(self.lm_warmup, out.lm_steps // 10))
-        if self.lm_stop_at:
-            out.lm_stop_at = max(1, round(self.lm_stop_at * factor))
         if factor < 1:
             out.num_scenes = max(512, round(self.num_scenes * max(factor, 0.05)))
         return out
@@ -516,7 +511,7 @@ def train_lm(model, processor, scenes: list[Scene], tokens: torch.Tensor, raw: t
     stats: dict[str, float] = {}
     window: list[torch.Tensor] = []
     skipped = 0
-    last = min(cfg.lm_steps, cfg.lm_stop_at) if cfg.lm_stop_at else cfg.lm_steps
+    last = cfg.lm_steps
     for step in range(1, last + 1):
         for group in opt.param_groups:
             group["lr"] = lr_at(step - 1)
