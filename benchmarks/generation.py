@@ -447,10 +447,21 @@ def main(argv=None) -> int:
     eng: dict = {}
     agree: dict = {}
 
+    def build_engine(kv_dtype: str, batch_sizes: list[int]) -> JanusEngine:
+        """The 1B engine for the largest of `batch_sizes`, with the attention tile tuned for its cache."""
+        tile = tuple(attn_cfg[kv_dtype]["config"]) if kv_dtype in attn_cfg else None
+        return JanusEngine(model, max_batch=max(batch_sizes), max_prompt_len=PROMPT_LEN, num_image_tokens=n_tok,
+                           kv_dtype=kv_dtype, attn_config=tile)
+
+    def greedy_agreement(engine: JanusEngine, ids, mask, seeds, ref: torch.Tensor) -> dict:
+        """Token agreement of the engine's greedy tokens with `ref`, free-running and teacher-forced."""
+        mine = engine.generate(ids, mask, seeds, greedy, BOS, boi, PAD)
+        forced = engine.generate(ids, mask, seeds, greedy, BOS, boi, PAD, forced_tokens=ref.to(device))
+        return {"batch": ids.shape[0], **agreement(mine, ref),
+                "teacher_forced_agreement": agreement(forced, ref)["token_agreement"]}
+
     def engine_bf16():
-        cfg_bf16 = tuple(attn_cfg["bf16"]["config"]) if "bf16" in attn_cfg else None
-        engine = JanusEngine(model, max_batch=max(sizes), max_prompt_len=PROMPT_LEN, num_image_tokens=n_tok,
-                             kv_dtype="bf16", attn_config=cfg_bf16)
+        engine = build_engine("bf16", sizes)
         state["engine"] = engine
         log(f"  cache {engine.cache_bytes() / 1e9:.1f} GB for max batch {max(sizes)}; backend {engine.backend}, "
             f"graphs {engine.use_cuda_graph}, attention tile {engine.attn_config}")
@@ -467,11 +478,7 @@ def main(argv=None) -> int:
             return
         ids, mask = prompts(b, cfg.text_config.vocab_size, boi, device, seed=b)
         seeds = torch.arange(b, device=device)
-        ref = hf[b]["tokens"]
-        mine = engine.generate(ids, mask, seeds, greedy, BOS, boi, PAD)
-        forced = engine.generate(ids, mask, seeds, greedy, BOS, boi, PAD, forced_tokens=ref.to(device))
-        agree["engine_vs_hf_greedy"] = {"batch": b, **agreement(mine, ref),
-                                        "teacher_forced_agreement": agreement(forced, ref)["token_agreement"]}
+        agree["engine_vs_hf_greedy"] = greedy_agreement(engine, ids, mask, seeds, hf[b]["tokens"])
         log(f"  engine vs HF, greedy, batch {b}: {agree['engine_vs_hf_greedy']}")
         b2 = 64 if not tiny else 4
         ids, mask = prompts(b2, cfg.text_config.vocab_size, boi, device, seed=7)
@@ -518,20 +525,14 @@ def main(argv=None) -> int:
     eng8: dict = {}
 
     def engine_fp8():
-        cfg8 = tuple(attn_cfg["fp8"]["config"]) if "fp8" in attn_cfg else None
-        engine = JanusEngine(model, max_batch=max(fp8_sizes), max_prompt_len=PROMPT_LEN, num_image_tokens=n_tok,
-                             kv_dtype="fp8", attn_config=cfg8)
+        engine = build_engine("fp8", fp8_sizes)
         state["engine8"] = engine
         log(f"  cache {engine.cache_bytes() / 1e9:.1f} GB for max batch {max(fp8_sizes)}, tile {engine.attn_config}")
         eng8.update(bench_engine(engine, boi, device, fp8_sizes, sample, "engine fp8 ", floor_fp8, bw_ceiling_fp8,
                                  ceil.get("copy_tb_s", 0)))
         if "greedy_bf16" in state:
             ids, mask, seeds = state["greedy_inputs"]
-            ref = state["greedy_bf16"]
-            mine = engine.generate(ids, mask, seeds, greedy, BOS, boi, PAD)
-            forced = engine.generate(ids, mask, seeds, greedy, BOS, boi, PAD, forced_tokens=ref)
-            agree["fp8_vs_bf16_greedy"] = {"batch": ids.shape[0], **agreement(mine, ref),
-                                           "teacher_forced_agreement": agreement(forced, ref)["token_agreement"]}
+            agree["fp8_vs_bf16_greedy"] = greedy_agreement(engine, ids, mask, seeds, state["greedy_bf16"])
             log(f"  fp8 vs bf16 cache, greedy, batch {ids.shape[0]}: {agree['fp8_vs_bf16_greedy']}")
 
     section("engine, 1B, fp8 cache", engine_fp8)

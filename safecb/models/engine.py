@@ -172,6 +172,16 @@ if triton is not None:
                 tl.store(VC + dst + HALF + j, v2.to(VC.dtype.element_ty))
 
     @triton.jit
+    def _split_bounds(START, SLOT, row, split, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Cache slots [lo, hi) that split `split` of SPLITS reads for `row`: its range
+        [START[row], *SLOT] cut into SPLITS chunks of whole BLOCK_N tiles."""
+        start = tl.load(START + row)
+        end = tl.load(SLOT) + 1
+        chunk = tl.cdiv(tl.cdiv(end - start, SPLITS), BLOCK_N) * BLOCK_N
+        lo = start + split * chunk
+        return lo, tl.minimum(lo + chunk, end)
+
+    @triton.jit
     def _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, qk_scale, D: tl.constexpr,
                    BLOCK_N: tl.constexpr, FP8: tl.constexpr, F32: tl.constexpr):
         """One BLOCK_N-key tile of online softmax on the tensor cores (q replicated to 16 rows, as tl.dot
@@ -220,11 +230,7 @@ if triton is not None:
         head = tl.program_id(1)
         split = tl.program_id(2)
         kvh = head // GROUP
-        start = tl.load(START + row)
-        end = tl.load(SLOT) + 1
-        chunk = tl.cdiv(tl.cdiv(end - start, SPLITS), BLOCK_N) * BLOCK_N
-        lo = start + split * chunk
-        hi = tl.minimum(lo + chunk, end)
+        lo, hi = _split_bounds(START, SLOT, row, split, SPLITS, BLOCK_N)
         d = tl.arange(0, D)
         r = tl.arange(0, 16)
         qbase = (row * HEADS + head) * D
@@ -292,11 +298,7 @@ if triton is not None:
         head = tl.program_id(1)
         split = tl.program_id(2)
         kvh = head // GROUP
-        start = tl.load(START + row)
-        end = tl.load(SLOT) + 1
-        chunk = tl.cdiv(tl.cdiv(end - start, SPLITS), BLOCK_N) * BLOCK_N
-        lo = start + split * chunk
-        hi = tl.minimum(lo + chunk, end)
+        lo, hi = _split_bounds(START, SLOT, row, split, SPLITS, BLOCK_N)
         d = tl.arange(0, D)
         q = tl.load(Q + (row * HEADS + head) * D + d).to(tl.float32) * (sm_scale * 1.4426950408889634)
         kb = KC + row * stride_cr + kvh * stride_ch
