@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -25,7 +25,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, PromptError, ModelLoadError, StorageError, RunError)
 
 
-def _fail(err: BaseException) -> None:
+def fail(err: BaseException | str) -> NoReturn:
+    """How every expected error leaves the CLI (the world's commands too): one line on stderr, exit 2."""
     message = " ".join(str(err).split())  # one line, always
     typer.echo(f"safecb: error: {message}", err=True)
     raise typer.Exit(2)
@@ -55,7 +56,7 @@ def run(
 
         run_loop(cfg, resume=resume, until=until, console=console)
     except _expected_errors() as err:
-        _fail(err)
+        fail(err)
 
 
 @app.command("eval")
@@ -79,7 +80,7 @@ def evaluate(
                 version = (store.codebook_versions() or [0])[-1]
         typer.echo(json.dumps(controller.evaluate_version(version)))
     except _expected_errors() as err:
-        _fail(err)
+        fail(err)
 
 
 @app.command()
@@ -108,7 +109,7 @@ def report(
             Console().print(f"final: codebook v{final['chosen_version']:04d} ({final['by']}={final['value']}); "
                             f"{final['stop_reason']}")
     except _expected_errors() as err:
-        _fail(err)
+        fail(err)
 
 
 def _mount_world() -> None:

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from safecb.cli import app
 from safecb.storage import RunStore
+from tests_support import assert_one_line_failure
 
 runner = CliRunner()
 
@@ -28,15 +29,6 @@ def write_config(tmp_path: Path, **sections) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def assert_one_line_failure(result, *needles: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("safecb: error: ")
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["eval"], ["report"], ["world"], ["world", "train"], ["world", "eval"]])

@@ -31,3 +31,13 @@ def tiny_config(tmp_path: Path, run_dir: Path, **overrides) -> dict:
     for key, value in overrides.items():
         data[key] = {**data.get(key, {}), **value}
     return data
+
+
+def assert_one_line_failure(result, *needles: str) -> None:
+    """A CLI result (typer's CliRunner) that failed the house way: exit 2, one line on stderr naming `needles`."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("safecb: error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])

@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from safecb.cli import fail  # defined before safecb.cli mounts this app, so no import cycle bites
+
 app = typer.Typer(help="The synthetic safety world: train its model and external judge, evaluate a model.",
                   no_args_is_help=True, add_completion=False)
 
@@ -28,11 +30,11 @@ def _parse_overrides(items: list[str]):
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise typer.BadParameter(f"{item!r}: expected key=value")
+            raise ValueError(f"--set {item!r}: expected key=value")
         target, name = (nested, key[6:]) if key.startswith("noise.") else (plain, key)
         known = noise if target is nested else top
         if name not in known or name == "noise":
-            raise typer.BadParameter(f"{key!r}: unknown setting (known: {', '.join(sorted(top))}, noise.*)")
+            raise ValueError(f"--set {key!r}: unknown setting (known: {', '.join(sorted(set(top) - {'noise'}))}, noise.*)")
         try:
             target[name] = json.loads(raw)
         except json.JSONDecodeError:
@@ -58,17 +60,17 @@ def train(
     from safecb.world.train import SelfJudgeNoise, TrainConfig, train_world
 
     if device not in ("auto", "cpu", "cuda"):
-        raise typer.BadParameter(f"--device {device!r}: expected auto, cpu or cuda")
-    plain, nested = _parse_overrides(set_)
-    base = TrainConfig(seed=seed, **plain)
-    if nested:
-        base.noise = SelfJudgeNoise(**{**base.noise.__dict__, **nested})
-    cfg = base.scaled(steps_scale) if steps_scale != 1.0 else base
+        fail(f"--device {device!r}: expected auto, cpu or cuda")
     try:
+        plain, nested = _parse_overrides(set_)
+        base = TrainConfig(seed=seed, **plain)
+        if nested:
+            base.noise = SelfJudgeNoise(**{**base.noise.__dict__, **nested})
+        cfg = base.scaled(steps_scale) if steps_scale != 1.0 else base
         report = train_world(out, cfg, device=device, evaluate=evaluate, init_from=init_from,
                              stages=tuple(x.strip() for x in stages.split(",") if x.strip()))
-    except (ValueError, ModelLoadError) as err:
-        raise typer.BadParameter(str(err)) from None
+    except (ValueError, TypeError, FileNotFoundError, ModelLoadError) as err:
+        fail(err)
     if ship:
         from safecb.world import WEIGHTS_DIR
 
@@ -100,24 +102,30 @@ def eval_(
     from rich.console import Console
     from rich.progress import Progress
 
+    from safecb.models.base import ModelLoadError
     from safecb.models.engine import KV_DTYPES
+    from safecb.models.janus import pick_device
     from safecb.world.evaluate import evaluate_world
     from safecb.world.prompts import builtin_prompts
 
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise typer.BadParameter(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
+        fail(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
     if engine not in ("auto", "on", "off"):
-        raise typer.BadParameter(f"--engine {engine!r}: expected auto, on or off")
+        fail(f"--engine {engine!r}: expected auto, on or off")
     if kv_dtype not in KV_DTYPES:
-        raise typer.BadParameter(f"--kv-dtype {kv_dtype!r}: expected one of {', '.join(KV_DTYPES)}")
+        fail(f"--kv-dtype {kv_dtype!r}: expected one of {', '.join(KV_DTYPES)}")
 
     total = samples * (len(builtin_prompts("world:eval_unsafe")) + len(builtin_prompts("world:eval_benign")))
     console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task("generate + judge", total=total)
-        result = evaluate_world(model, judge, device=device, samples_per_prompt=samples, seed=seed,
-                                dtype=dtype, engine=engine, kv_dtype=kv_dtype,
-                                progress=lambda n: progress.advance(task, n))
+    try:
+        pick_device(device, key="--device")
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+            task = progress.add_task("generate + judge", total=total)
+            result = evaluate_world(model, judge, device=device, samples_per_prompt=samples, seed=seed,
+                                    dtype=dtype, engine=engine, kv_dtype=kv_dtype,
+                                    progress=lambda n: progress.advance(task, n))
+    except (ValueError, FileNotFoundError, ModelLoadError) as err:
+        fail(err)
     if as_json:
         typer.echo(json.dumps(result))
         return

@@ -176,8 +176,8 @@ def evaluate_world(model_dir: str | Path | None = None, judge_dir: str | Path | 
     if (folder / "model").is_dir():
         judge_dir = judge_dir if judge_dir is not None else folder / "judge"
         folder = folder / "model"
+    judge = ExternalJudge.load(judge_dir)  # first: it is small, and a wrong path should fail before the model loads
     adapter = JanusAdapter.from_folder(folder, device=device, dtype=dtype, engine=engine, kv_dtype=kv_dtype)
-    judge = ExternalJudge.load(judge_dir)
     result = evaluate_adapter(adapter, judge, samples_per_prompt=samples_per_prompt, guidance=guidance,
                               temperature=temperature, seed=seed, progress=progress)
     result["model"] = str(folder)

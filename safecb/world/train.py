@@ -608,9 +608,11 @@ def train_world(out: Path | str, cfg: TrainConfig | None = None, device: str = "
         raise ValueError("a run without --init-from trains every stage (vq, judge, lm)")
     if init_from is not None and "vq" in stages:
         raise ValueError("stage 'vq' cannot continue an earlier run: the LM's tokens depend on it")
+    if init_from is not None and not (Path(init_from) / "model").is_dir():
+        raise ValueError(f"--init-from {init_from}: no model/ folder in it (expected a `safecb world train --out` folder)")
+    dev = pick_device(device, key="--device")  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = pick_device(device, key="--device")
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
