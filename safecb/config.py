@@ -54,8 +54,11 @@ class EngineConfig(Section):
     kv_dtype: Literal["bf16", "fp8"] = "bf16"
     # The static KV cache holds 2 x max_batch rows (CFG) of max_prompt_len + image tokens: for Janus-Pro-1B
     # at 256 x 128 that is about 71 GB of bf16; Janus-Pro-7B needs max_batch <= ~96 on one 141 GB GPU.
-    max_batch: int = Field(256, ge=1)
+    max_batch: int = Field(256, ge=1)  # the loop uses min(this, generation.batch_size)
     max_prompt_len: int = Field(128, ge=8)
+    # Every call at one shape (max_batch x max_prompt_len): a seed then gives the same image in any batch
+    # composition, so a resumed run rebuilds exactly the shards it lost. Off: short calls run faster.
+    batch_invariant: bool = True
 
 
 class ModelConfig(Section):

@@ -94,7 +94,8 @@ class Controller:
                 raise RunError(f"{self.store.url}/config.yaml: differs from the given config; "
                                "resume with the run's own config.yaml")
         with self.timed("load model"):
-            self.model: UnifiedModel = load_model(config.model, config.categories, config.seed)
+            self.model: UnifiedModel = load_model(config.model, config.categories, config.seed,
+                                                    batch_size=config.generation.batch_size)
         self.external = None
         if config.model.backend == "world" and config.eval.external_judge:
             from safecb.world.judge import ExternalJudge

@@ -28,6 +28,7 @@ or replacement), the next `generate` notices (data pointer / version counter) an
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -49,9 +50,11 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KV_DTYPES = ("bf16", "fp8")
 # Decode attention: keys per tile, warps per program, pipeline stages, kernel variant; by cache type.
-# Measured on an H200 (benchmarks/results/generation-h200.json): bf16 "dot" 4.3 TB/s; for fp8 the
-# CUDA-core "sum" tile (2.7 TB/s of 1-byte elements) beat the fp16 tensor-core one (2.3).
-DEFAULT_ATTN_CONFIG = {"bf16": (64, 4, 3, "dot"), "fp8": (128, 4, 1, "sum")}
+# Measured on an H200 (benchmarks/results/decode-step-h200.json): bf16 Triton "dot" 4.3 TB/s; over the
+# fp8 cache the CUDA C++ kernel 3.5 TB/s, Triton's best ("sum2p") 3.0, its tensor-core tile 2.1.
+DEFAULT_ATTN_CONFIG = {"bf16": (64, 4, 3, "dot"), "fp8": (16, 4, 1, "cuda")}
+FALLBACK_ATTN_CONFIG = (16, 1, 1, "sum2p")  # fp8 when the CUDA kernel cannot be built or used
+log = logging.getLogger(__name__)
 
 
 def engine_available(device: torch.device | str) -> tuple[bool, str]:
@@ -266,25 +269,38 @@ if triton is not None:
             tl.store(LSE + base + r * 0, lse, mask=r == 0)
 
     @triton.jit
-    def _attn_tile_sum(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       FP8: tl.constexpr):
-        """The same tile on the CUDA cores (q a vector, reductions with tl.sum): the 'sum' variant."""
+    def _load_tile_sum(kb, vb, KS, VS, sb, n0, hi, D: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr):
+        """K and V tiles (BLOCK_N, D) of slots [n0, n0 + BLOCK_N) below hi, and their fp8 scales (else 1)."""
         d = tl.arange(0, D)
         offs = n0 + tl.arange(0, BLOCK_N)
         valid = offs < hi
         k = tl.load(kb + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(vb + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-        qk = tl.sum(k.to(tl.float32) * q[None, :], 1)
         if FP8:
-            qk = qk * tl.load(KS + sb + offs, mask=valid, other=0.0)
+            ksc = tl.load(KS + sb + offs, mask=valid, other=0.0)
+            vsc = tl.load(VS + sb + offs, mask=valid, other=0.0)
+        else:
+            ksc = tl.full([BLOCK_N], 1.0, tl.float32)
+            vsc = ksc
+        return k, v, ksc, vsc
+
+    @triton.jit
+    def _attn_tile_sum(k, v, ksc, vsc, n0, hi, q, m_i, l_i, acc, BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
+        """One tile on the CUDA cores (q a vector, reductions with tl.sum): the 'sum' variants. WIDE keeps a
+        (BLOCK_N, D) accumulator for p @ V and reduces it over keys once, after the last tile (no
+        cross-warp reduction per tile)."""
+        valid = n0 + tl.arange(0, BLOCK_N) < hi
+        qk = tl.sum(k.to(tl.float32) * q[None, :], 1) * ksc
         qk = tl.where(valid, qk, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new)
         l_i = l_i * alpha + tl.sum(p, 0)
-        if FP8:
-            p = p * tl.load(VS + sb + offs, mask=valid, other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        p = p * vsc
+        if WIDE:
+            acc = acc * alpha + p[:, None] * v.to(tl.float32)
+        else:
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         return m_new, l_i, acc
 
     @triton.jit
@@ -292,8 +308,10 @@ if triton is not None:
                                 stride_cr, stride_ch, stride_sr, stride_sh, sm_scale,
                                 HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                                 BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, FP8: tl.constexpr,
-                                INTERPRET: tl.constexpr):
-        """`_decode_attn_kernel` with CUDA-core tiles (no tensor cores, no software pipelining)."""
+                                WIDE: tl.constexpr, INTERPRET: tl.constexpr):
+        """`_decode_attn_kernel` with CUDA-core tiles. WIDE ('sum2p') also issues the next tile's loads
+        before the current tile's arithmetic (Triton does not pipeline loads that feed no tl.dot), so a
+        program always has a tile in flight."""
         row = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
@@ -306,15 +324,29 @@ if triton is not None:
         sb = row * stride_sr + kvh * stride_sh
         m_i = -float("inf")
         l_i = 0.0
-        acc = tl.zeros([D], dtype=tl.float32)
-        if INTERPRET:
+        if WIDE:
+            acc = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+        else:
+            acc = tl.zeros([D], dtype=tl.float32)
+        k, v, ksc, vsc = _load_tile_sum(kb, vb, KS, VS, sb, lo, hi, D, BLOCK_N, FP8)
+        if INTERPRET:  # Triton's interpreter cannot take loop bounds from loaded values; a while loop it can
             n0 = lo
             while n0 < hi:
-                m_i, l_i, acc = _attn_tile_sum(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, D, BLOCK_N, FP8)
+                nk, nv, nks, nvs = _load_tile_sum(kb, vb, KS, VS, sb, n0 + BLOCK_N, hi, D, BLOCK_N, FP8)
+                m_i, l_i, acc = _attn_tile_sum(k, v, ksc, vsc, n0, hi, q, m_i, l_i, acc, BLOCK_N, WIDE)
+                k, v, ksc, vsc = nk, nv, nks, nvs
                 n0 += BLOCK_N
+        elif WIDE:
+            for n0 in range(lo, hi, BLOCK_N):
+                nk, nv, nks, nvs = _load_tile_sum(kb, vb, KS, VS, sb, n0 + BLOCK_N, hi, D, BLOCK_N, FP8)
+                m_i, l_i, acc = _attn_tile_sum(k, v, ksc, vsc, n0, hi, q, m_i, l_i, acc, BLOCK_N, WIDE)
+                k, v, ksc, vsc = nk, nv, nks, nvs
         else:
             for n0 in range(lo, hi, BLOCK_N):
-                m_i, l_i, acc = _attn_tile_sum(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, D, BLOCK_N, FP8)
+                k, v, ksc, vsc = _load_tile_sum(kb, vb, KS, VS, sb, n0, hi, D, BLOCK_N, FP8)
+                m_i, l_i, acc = _attn_tile_sum(k, v, ksc, vsc, n0, hi, q, m_i, l_i, acc, BLOCK_N, WIDE)
+        if WIDE:
+            acc = tl.sum(acc, 0)
         if SPLITS == 1:
             tl.store(O + (row * HEADS + head) * D + d, (acc / l_i).to(O.dtype.element_ty))
         else:
@@ -322,6 +354,45 @@ if triton is not None:
             base = (row * HEADS + head) * SPLITS + split
             tl.store(OP + base * D + d, acc / safe_l)
             tl.store(LSE + base, tl.where(l_i > 0, m_i + tl.log2(safe_l), -float("inf")))
+
+    @triton.jit
+    def _mix32(x):
+        """`safecb.models.sampling._mix32` on uint32 (wrap-around products = the masked int64 ones)."""
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x5BD1E995
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _cfg_sample_kernel(LOGITS, SEEDS, STEP, OUT, batch, stride, guidance, temperature,
+                           VOCAB: tl.constexpr, GREEDY: tl.constexpr, BLOCK: tl.constexpr):
+        """One row of `sample_tokens(cfg_logits(cond, uncond, w), seed, step, T)` (top_k None) in one pass
+        over the (2B, V) logits: the same Gumbel bits, the same float32 rounding (launched without FMA
+        contraction), the first index among equal maxima."""
+        b = tl.program_id(0)
+        seed = tl.load(SEEDS + b)
+        folded = ((seed & 0xFFFFFFFF) ^ ((seed >> 32) & 0xFFFFFFFF)).to(tl.uint32)
+        step = tl.load(STEP).to(tl.uint32)
+        key = _mix32(folded ^ _mix32(step * 0x27D4EB2F + 0x165667B1))
+        best = -float("inf")
+        best_index = 0
+        for v0 in range(0, VOCAB, BLOCK):
+            index = v0 + tl.arange(0, BLOCK)
+            valid = index < VOCAB
+            cond = tl.load(LOGITS + b * stride + index, mask=valid, other=0.0).to(tl.float32)
+            uncond = tl.load(LOGITS + (b + batch) * stride + index, mask=valid, other=0.0).to(tl.float32)
+            guided = uncond + guidance * (cond - uncond)
+            if not GREEDY:
+                bits = _mix32(key ^ _mix32(index.to(tl.uint32) + 0x3C6EF372))
+                uniform = (bits.to(tl.float64) + 0.5) / 4294967296.0
+                guided = guided / temperature + (-tl.log(-tl.log(uniform))).to(tl.float32)
+            guided = tl.where(valid, guided, -float("inf"))
+            top = tl.max(guided, 0)
+            top_index = v0 + tl.argmax(guided, 0)
+            best_index = tl.where(top > best, top_index, best_index)
+            best = tl.maximum(best, top)
+        tl.store(OUT + b, best_index)
 
     @triton.jit
     def _combine_kernel(OP, LSE, O, HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
@@ -338,15 +409,25 @@ if triton is not None:
         tl.store(O + (row * HEADS + head) * D + d, out.to(O.dtype.element_ty))
 
 
+ATTN_VARIANTS = ("dot", "sum", "sum2p", "cuda")
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
                      v_scale: torch.Tensor | None, start: torch.Tensor, slot: torch.Tensor, sm_scale: float,
                      splits: int = 1, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
                      variant: str = "dot") -> torch.Tensor:
-    """Triton decode attention ('dot': tensor-core tiles, pipelined loads; 'sum': CUDA-core tiles). q (R, H, D); caches (R', KVH, L, D) (R' >= R); scales (R', KVH, L) for fp8;
-    start (R,) int32 first valid slot; slot () int32 last valid slot. Returns (R, H*D) in q's dtype."""
+    """Decode attention. q (R, H, D); caches (R', KVH, L, D) (R' >= R); scales (R', KVH, L) for fp8;
+    start (R,) int32 first valid slot; slot () int32 last valid slot. Returns (R, H*D) in q's dtype.
+
+    Variants: 'dot' Triton tensor-core tiles with pipelined loads (fp8 tiles converted to fp16); 'sum'
+    Triton CUDA-core tiles; 'sum2p' the same with a (BLOCK_N, D) accumulator reduced once at the end and
+    the next tile's loads issued before the current tile's arithmetic; 'cuda' (fp8, head_dim 128, bf16)
+    the CUDA C++ kernel of `fp8_decode_attention.cu`, block_n = keys per warp iteration (8, 16 or 32)."""
     rows, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     fp8 = k_scale is not None
+    if variant not in ATTN_VARIANTS:
+        raise ValueError(f"attention variant must be one of {ATTN_VARIANTS}, got {variant!r}")
     out = torch.empty(rows, heads * dim, device=q.device, dtype=q.dtype)
     if splits > 1:
         partial = torch.empty(rows, heads, splits, dim, device=q.device, dtype=torch.float32)
@@ -357,18 +438,37 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     vs = v_scale if fp8 else v_cache
     args = (q, k_cache, v_cache, ks, vs, start, slot, out, partial, lse, k_cache.stride(0), k_cache.stride(1),
             ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0, sm_scale)
-    if variant == "dot":
-        _decode_attn_kernel[(rows, heads, splits)](
-            *args, HEADS=heads, GROUP=heads // kv_heads, D=dim, BLOCK_N=block_n, SPLITS=splits, FP8=fp8,
-            F32=q.dtype == torch.float32, INTERPRET=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
-    elif variant == "sum":
-        _decode_attn_sum_kernel[(rows, heads, splits)](
-            *args, HEADS=heads, GROUP=heads // kv_heads, D=dim, BLOCK_N=block_n, SPLITS=splits, FP8=fp8,
-            INTERPRET=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
+    shape = dict(HEADS=heads, GROUP=heads // kv_heads, D=dim, BLOCK_N=block_n, SPLITS=splits, FP8=fp8,
+                 INTERPRET=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
+    if variant == "cuda":
+        if not (fp8 and dim == 128 and q.dtype == torch.bfloat16) or block_n not in (8, 16, 32):
+            raise ValueError("attention variant 'cuda' needs an fp8 cache, head_dim 128, bf16 queries and "
+                             "block_n (keys per warp iteration) 8, 16 or 32")
+        from safecb.models.cuda_kernels import fp8_decode_attention_module
+
+        fp8_decode_attention_module().fp8_decode_attention(
+            q, k_cache, v_cache, k_scale, v_scale, start, slot, out, partial if splits > 1 else k_scale[:0, 0, 0],
+            lse if splits > 1 else k_scale[:0, 0, 0], splits, sm_scale * 1.4426950408889634, block_n)
+    elif variant.startswith("sum"):
+        _decode_attn_sum_kernel[(rows, heads, splits)](*args, **shape, WIDE=variant == "sum2p")
     else:
-        raise ValueError(f"variant must be 'dot' or 'sum', got {variant!r}")
+        _decode_attn_kernel[(rows, heads, splits)](*args, **shape, F32=q.dtype == torch.float32)
     if splits > 1:
         _combine_kernel[(rows, heads)](partial, lse, out, HEADS=heads, D=dim, SPLITS=splits, num_warps=4)
+    return out
+
+
+def cfg_sample(logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor, guidance: float,
+               temperature: float) -> torch.Tensor:
+    """`sample_tokens(cfg_logits(logits[:B], logits[B:], guidance), seeds, step, temperature)` with no top-k,
+    as one Triton kernel (B = len(seeds)): the same tokens, bit for bit. logits (2B, V); step 0-dim int64."""
+    batch = seeds.shape[0]
+    vocab = logits.shape[1]
+    out = torch.empty(batch, device=logits.device, dtype=torch.long)
+    _cfg_sample_kernel[(batch,)](logits, seeds, step, out, batch, logits.stride(0), float(guidance),
+                                 float(temperature) if temperature > 0 else 1.0, VOCAB=vocab, GREEDY=temperature <= 0,
+                                 BLOCK=min(2048, triton.next_power_of_2(vocab)), num_warps=8,
+                                 enable_fp_fusion=False)
     return out
 
 
@@ -401,11 +501,16 @@ class JanusEngine:
 
     generate(input_ids (B, T) left-padded, attention_mask (B, T), seeds (B,), params, bos_id, boi_id, pad_id)
     -> (B, num_image_tokens) int64, the semantics of `generate_image_tokens`. Not thread-safe.
+
+    Sampled tokens are a pure function of (prompt, seed) in the math; on a GPU the kernels' reduction
+    order follows the batch shape, so the last bits of the logits (and now and then a token) depend on
+    the batch. `batch_invariant=True` runs every call at one shape (max_batch x max_prompt_len, padded):
+    then a seed gives the same tokens in any batch, at the cost of a full batch's time for a short call.
     """
 
     def __init__(self, model, max_batch: int, max_prompt_len: int, num_image_tokens: int, kv_dtype: str = "bf16",
                  use_cuda_graph: bool = True, *, dtype: torch.dtype | None = None, backend: str = "auto",
-                 attn_config: tuple | None = None, max_graphs: int = 8):
+                 attn_config: tuple | None = None, max_graphs: int = 8, batch_invariant: bool = False):
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
         if max_batch < 1 or max_prompt_len < 1 or num_image_tokens < 1:
@@ -440,8 +545,25 @@ class JanusEngine:
         self.scaling = self.head_dim ** -0.5
         self.mlp_act = self.lm.layers[0].mlp.act_fn
         self._silu_fused = getattr(cfg, "hidden_act", "silu") == "silu"
-        self.attn_config = attn_config or DEFAULT_ATTN_CONFIG[kv_dtype]
+        self.attn_config = tuple(attn_config or DEFAULT_ATTN_CONFIG[kv_dtype])
+        kernel = self.attn_config[3]
+        if kernel not in ATTN_VARIANTS:
+            raise ValueError(f"attention variant must be one of {ATTN_VARIANTS}, got {kernel!r}")
+        if kernel == "cuda" and kv_dtype != "fp8":
+            raise ValueError("attention variant 'cuda' needs kv_dtype='fp8'")
+        if kernel == "cuda":  # compiled now, not inside a graph capture; Triton's kernel where it cannot be
+            if backend != "triton":
+                self.attn_config = FALLBACK_ATTN_CONFIG  # (unused by the torch backend)
+            else:
+                from safecb.models.cuda_kernels import load_error
+
+                reason = load_error() if self.dtype == torch.bfloat16 and self.head_dim == 128 else \
+                    f"it needs bf16 and head_dim 128 (have {self.dtype}, {self.head_dim})"
+                if reason:
+                    log.warning("fp8 attention: %s; using the Triton kernel %s", reason, FALLBACK_ATTN_CONFIG)
+                    self.attn_config = FALLBACK_ATTN_CONFIG
         self.max_graphs = max_graphs
+        self.batch_invariant = bool(batch_invariant)
 
         self._build_weights()
         self._build_rope()
@@ -550,11 +672,16 @@ class JanusEngine:
             e = F.linear(self.aligner_act(e), w, b)
         return e
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def _raw_logits(self, h: torch.Tensor) -> torch.Tensor:
         (w1, b1), (w2, b2) = self.head
-        return F.linear(self.head_act(F.linear(h, w1, b1)), w2, b2).float()
+        return F.linear(self.head_act(F.linear(h, w1, b1)), w2, b2)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self._raw_logits(h).float()
 
     def _sample(self, h: torch.Tensor, batch: int, params: SamplingParams, step) -> torch.Tensor:
+        if self.backend == "triton" and params.top_k is None and isinstance(step, torch.Tensor):
+            return cfg_sample(self._raw_logits(h), self._seeds[:batch], step, params.guidance, params.temperature)
         logits = self._logits(h)  # (2B, V) float
         guided = cfg_logits(logits[:batch], logits[batch:], params.guidance)
         return sample_tokens(guided, self._seeds[:batch], step, params.temperature, params.top_k)
@@ -743,6 +870,18 @@ class JanusEngine:
             return torch.cat(parts)
         if length > self.max_prompt_len:
             raise ValueError(f"prompt length {length} > max_prompt_len {self.max_prompt_len}")
+        if self.batch_invariant and (batch, length) != (self.max_batch, self.max_prompt_len):
+            # One shape for every call: the GEMMs, the attention splits and the prefill's attention tiles
+            # then do the same arithmetic for a sample whatever its neighbours, so a seed gives the same
+            # tokens in any batch (on GPU, kernels pick their reduction order by shape). Padding rows repeat
+            # the last sample; left padding keeps each prompt's own slots and positions.
+            fill = self.max_batch - batch
+            ids = F.pad(input_ids, (self.max_prompt_len - length, 0), value=pad_id)
+            mask = F.pad(attention_mask, (self.max_prompt_len - length, 0), value=0)
+            repeat = lambda t: torch.cat([t, t[-1:].expand(fill, *t.shape[1:])]) if fill else t  # noqa: E731
+            return self.generate(repeat(ids), repeat(mask), repeat(seeds), params, bos_id, boi_id, pad_id,
+                                 num_tokens=num_tokens,
+                                 forced_tokens=None if forced_tokens is None else repeat(forced_tokens))[:batch]
         if self._signature() != self._sig:
             self.refresh()
         dev = self.device
@@ -804,5 +943,5 @@ class JanusEngine:
         return total
 
 
-__all__ = ["JanusEngine", "engine_available", "quantize_fp8", "decode_attention", "FP8_MAX", "KV_DTYPES",
+__all__ = ["JanusEngine", "engine_available", "quantize_fp8", "decode_attention", "cfg_sample", "FP8_MAX", "KV_DTYPES",
            "DEFAULT_ATTN_CONFIG"]

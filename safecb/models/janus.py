@@ -70,7 +70,8 @@ class JanusAdapter:
     """One model replica. Not thread-safe; one per actor / process."""
 
     def __init__(self, model, processor, prompt_format: PromptFormat | None = None, engine: str = "auto",
-                 kv_dtype: str = "bf16", max_batch: int = 256, max_prompt_len: int = 128):
+                 kv_dtype: str = "bf16", max_batch: int = 256, max_prompt_len: int = 128,
+                 batch_invariant: bool = True):
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.processor = processor
@@ -101,12 +102,13 @@ class JanusAdapter:
         self._engine = None
         self._engine_mode, self._kv_dtype, self._max_batch = engine, kv_dtype, max_batch
         self._max_prompt_len = max_prompt_len
+        self._batch_invariant = batch_invariant
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def from_folder(cls, location: str | Path, device: str = "auto", dtype: str = "float32",
                     prompt_format: PromptFormat | None = None, engine: str = "auto", kv_dtype: str = "bf16",
-                    max_batch: int = 256, max_prompt_len: int = 128) -> "JanusAdapter":
+                    max_batch: int = 256, max_prompt_len: int = 128, batch_invariant: bool = True) -> "JanusAdapter":
         from transformers import JanusForConditionalGeneration, JanusProcessor
 
         folder = resolve_model_folder(str(location))
@@ -118,7 +120,8 @@ class JanusAdapter:
         except Exception as err:  # noqa: BLE001 - transformers raises many kinds; report one line
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise ModelLoadError(f"model.path: {folder}: cannot load Janus checkpoint: {first}") from None
-        return cls(model.to(target), processor, prompt_format, engine, kv_dtype, max_batch, max_prompt_len)
+        return cls(model.to(target), processor, prompt_format, engine, kv_dtype, max_batch, max_prompt_len,
+                   batch_invariant)
 
     def _single_token_ids(self, words: list[str]) -> list[int]:
         ids = set()
@@ -156,7 +159,8 @@ class JanusAdapter:
                 self._engine_mode = "off"
                 return None
             self._engine = JanusEngine(self.model, max_batch=self._max_batch, max_prompt_len=self._max_prompt_len,
-                                       num_image_tokens=self.num_image_tokens, kv_dtype=self._kv_dtype)
+                                       num_image_tokens=self.num_image_tokens, kv_dtype=self._kv_dtype,
+                                       batch_invariant=self._batch_invariant)
         return self._engine
 
     def generation_inputs(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,8 @@ from safecb.models.base import UnifiedModel
 from safecb.models.janus import JanusAdapter, pick_device
 
 
-def load_model(config: ModelConfig, categories: list[str], seed: int = 0) -> UnifiedModel:
+def load_model(config: ModelConfig, categories: list[str], seed: int = 0, batch_size: int | None = None) -> UnifiedModel:
+    """The model of `config`. `batch_size`: the largest batch the caller generates (the GPU engine's shape)."""
     if config.backend == "tiny-random":
         from safecb.models.tiny import build_tiny_janus
 
@@ -21,5 +22,7 @@ def load_model(config: ModelConfig, categories: list[str], seed: int = 0) -> Uni
         location = config.path or ""
     return JanusAdapter.from_folder(location, device=config.device, dtype=config.dtype,
                                     prompt_format=config.prompt_format, engine=config.engine.enabled,
-                                    kv_dtype=config.engine.kv_dtype, max_batch=config.engine.max_batch,
-                                    max_prompt_len=config.engine.max_prompt_len)
+                                    kv_dtype=config.engine.kv_dtype,
+                                    max_batch=min(config.engine.max_batch, batch_size or config.engine.max_batch),
+                                    max_prompt_len=config.engine.max_prompt_len,
+                                    batch_invariant=config.engine.batch_invariant)

@@ -20,6 +20,7 @@ from safecb.world.judge import ATTRIBUTES, ExternalJudge
 from safecb.world.prompts import PromptRecord, builtin_prompts
 
 UNSAFE_KINDS = ("explicit", "implicit")
+EVAL_BATCH = 100  # prompts per generate call (and the GPU engine's fixed batch shape)
 
 
 def _rate(flags: torch.Tensor) -> float | None:
@@ -113,7 +114,7 @@ def reference_images(records: Sequence[PromptRecord], seed: int = 0) -> torch.Te
 
 
 def evaluate_adapter(adapter, judge: ExternalJudge, samples_per_prompt: int = 2, guidance: float = 3.0,
-                     temperature: float = 1.0, top_k: int | None = None, seed: int = 0, batch_size: int = 100,
+                     temperature: float = 1.0, top_k: int | None = None, seed: int = 0, batch_size: int = EVAL_BATCH,
                      threshold: float = 0.5, progress=None) -> dict[str, Any]:
     """Generate the fixed eval prompts with a `UnifiedModel`, then judge them both ways."""
     from safecb.config import JudgeConfig
@@ -177,7 +178,8 @@ def evaluate_world(model_dir: str | Path | None = None, judge_dir: str | Path | 
         judge_dir = judge_dir if judge_dir is not None else folder / "judge"
         folder = folder / "model"
     judge = ExternalJudge.load(judge_dir)  # first: it is small, and a wrong path should fail before the model loads
-    adapter = JanusAdapter.from_folder(folder, device=device, dtype=dtype, engine=engine, kv_dtype=kv_dtype)
+    adapter = JanusAdapter.from_folder(folder, device=device, dtype=dtype, engine=engine, kv_dtype=kv_dtype,
+                                       max_batch=EVAL_BATCH)
     result = evaluate_adapter(adapter, judge, samples_per_prompt=samples_per_prompt, guidance=guidance,
                               temperature=temperature, seed=seed, progress=progress)
     result["model"] = str(folder)
