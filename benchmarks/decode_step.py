@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,13 +33,17 @@ N_TOKENS = 576
 
 
 def attention_configs(kv: str) -> list[tuple]:
+    """Every tile worth timing: Triton's, and each CUDA (keys, stages) tile at 2, 4 and 8 warps a block."""
+    from safecb.models.cuda_kernels import CUDA_TILES
+
     if kv == "bf16":
         return [(64, 4, 3, "dot"), (128, 8, 3, "dot")]
-    return [(128, 4, 1, "sum"), (64, 4, 3, "dot"), (16, 1, 1, "sum2p"), (16, 2, 1, "sum2p"), (32, 2, 1, "sum2p"),
-            (8, 4, 1, "cuda"), (16, 4, 1, "cuda"), (32, 4, 1, "cuda")]
+    return [(128, 4, 1, "sum"), (64, 4, 3, "dot"), (16, 1, 1, "sum2p"), (32, 2, 1, "sum2p")] + [
+        (keys, warps, stages, "cuda") for keys, stages in CUDA_TILES for warps in (2, 4, 8)]
 
 
 def sweep_attention(device, rows=512, heads=16, dim=128, prompt=PROMPT_LEN, n=N_TOKENS) -> dict:
+    """Keys of the result name the cache, the variant, the tile and the rows (= 2 x images)."""
     import triton
 
     max_len = prompt + n
@@ -64,25 +69,28 @@ def sweep_attention(device, rows=512, heads=16, dim=128, prompt=PROMPT_LEN, n=N_
             block_n, warps, stages, variant = config
             call = lambda: decode_attention(q, kc, vc, ks, vs, start, slot, dim ** -0.5, 1, block_n, warps,  # noqa: E731
                                             stages, variant)
-            name = f"{kv} {variant} {block_n}x{warps}x{stages}"
+            name = f"{kv} {variant} {block_n}x{warps}x{stages} rows {rows}"
             try:
                 out = call().float()
                 err = ((out[:8] - ref).norm() / ref.norm()).item()
                 ms = triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
             except Exception as e:  # noqa: BLE001 - a tile that does not compile is a result, not a stop
-                log(f"  {name:28s} failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
+                log(f"  {name:38s} failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
                 continue
             tbs = nbytes / (ms / 1e3) / 1e12
-            results[name] = {"kv": kv, "config": list(config), "us_per_layer": ms * 1e3, "tb_s": tbs,
+            results[name] = {"kv": kv, "config": list(config), "rows": rows, "us_per_layer": ms * 1e3, "tb_s": tbs,
                              "step_ms_24_layers": 24 * ms, "rel_err": err, "finite": bool(out.isfinite().all())}
-            log(f"  {name:28s} {ms * 1e3:7.1f} us/layer {tbs:5.2f} TB/s  err {err:.1e}")
+            log(f"  {name:38s} {ms * 1e3:7.1f} us/layer {tbs:5.2f} TB/s  err {err:.1e}")
         del kc, vc, ks, vs
         free_memory(device)
     return results
 
 
 def best_attention(results: dict, kv: str) -> tuple:
-    ok = [r for r in results.values() if r["kv"] == kv and r["finite"] and r["rel_err"] < 1e-2]
+    """The fastest correct tile at the largest rows swept (the batch the engine runs at its best)."""
+    rows = max(r.get("rows", 512) for r in results.values())
+    ok = [r for r in results.values() if r["kv"] == kv and r["finite"] and r["rel_err"] < 1e-2
+          and r.get("rows", 512) == rows]
     return tuple(min(ok, key=lambda r: r["us_per_layer"])["config"])
 
 
@@ -144,6 +152,160 @@ def profile_step(engine: JanusEngine, batch: int, boi: int, vocab: int, device) 
             "eager_ms_by_group": dict(sorted(groups.items(), key=lambda kv: -kv[1]))}
 
 
+def timeline(engine: JanusEngine, batch: int, boi: int, vocab: int, device) -> dict:
+    """Where a whole `generate` call's time goes: calls that stop after n tokens, n = 1 (prefill and
+    the first sample), a quarter, half, three quarters and all of the image; the differences are the
+    decode steps of each quarter (they grow with the context)."""
+    import time
+
+    from generation import prompts
+
+    ids, mask = prompts(batch, vocab, boi, device, seed=7)
+    seeds = torch.arange(batch, device=device)
+    engine.generate(ids, mask, seeds, SAMPLE, BOS, boi, PAD, num_tokens=4)  # prefill + graph capture
+    marks = [1, N_TOKENS // 4, N_TOKENS // 2, 3 * N_TOKENS // 4, N_TOKENS]
+    secs = {}
+    for n in marks:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.generate(ids, mask, seeds, SAMPLE, BOS, boi, PAD, num_tokens=n)
+        torch.cuda.synchronize()
+        secs[n] = time.perf_counter() - t
+    from safecb.models.generation import cfg_batch
+
+    ids2, mask2 = cfg_batch(ids, mask, BOS, boi, PAD)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.no_grad():
+        engine._prefill(ids2, mask2)
+    torch.cuda.synchronize()
+    prefill_only = time.perf_counter() - t
+    quarters = [(secs[b] - secs[a]) / (b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+    return {"batch": batch, "s_by_tokens": secs, "prefill_s": secs[1], "prefill_only_s": prefill_only,
+            "step_ms_by_quarter": quarters,
+            "img_per_s": batch / secs[N_TOKENS]}
+
+
+class PowerMonitor:
+    """Board power and SM clock sampled by nvidia-smi every 200 ms while the block runs (None without it)."""
+
+    def __enter__(self):
+        import shutil
+        import subprocess
+
+        self.samples: list[tuple[float, float]] = []
+        self.proc = None
+        if shutil.which("nvidia-smi"):
+            index = torch.cuda.current_device()
+            self.proc = subprocess.Popen(["nvidia-smi", f"--id={index}", "--query-gpu=power.draw,clocks.sm",
+                                          "--format=csv,noheader,nounits", "-lms", "200"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate(timeout=10)
+            for line in out.splitlines():
+                try:
+                    watts, mhz = (float(x) for x in line.split(","))
+                except ValueError:
+                    continue
+                self.samples.append((watts, mhz))
+
+    def summary(self) -> dict:
+        busy = self.samples[len(self.samples) // 5:]  # the first fifth is the clock ramping up
+        if not busy:
+            return {"watts": None, "sm_mhz": None}
+        return {"watts": sum(w for w, _ in busy) / len(busy), "sm_mhz": sum(c for _, c in busy) / len(busy)}
+
+
+def sustained(engine: JanusEngine, batch: int, boi: int, vocab: int, device, seconds: float = 12.0) -> dict:
+    """Under load for `seconds`: a whole decode step (graph, mean context), then the same step's
+    attention alone and its GEMMs alone; each with its mean board power and SM clock. A short burst
+    (the step profile above) runs at the top clock; minutes of generation run at the power limit."""
+    from generation import prompts
+
+    ids, mask = prompts(batch, vocab, boi, device, seed=5)
+    engine.generate(ids, mask, torch.arange(batch, device=device), SAMPLE, BOS, boi, PAD, num_tokens=4)
+    _, graph = engine._graph_for(batch, SAMPLE)
+    mean_step = N_TOKENS // 2
+    rows, hidden = 2 * batch, engine.hidden
+    block_n, warps, stages, variant = engine.attn_config
+    q = torch.randn(rows, engine.heads, engine.head_dim, device=device, dtype=engine.dtype)
+    layer = engine.layers[0]
+    x = torch.randn(rows, hidden, device=device, dtype=engine.dtype)
+    a = torch.randn(rows, layer.wd.shape[1], device=device, dtype=engine.dtype)
+    engine._slot.fill_(PROMPT_LEN + mean_step)
+
+    def step():
+        engine._slot.fill_(PROMPT_LEN + mean_step)
+        engine._step.fill_(mean_step)
+        graph.replay()
+
+    def attention():
+        for i in range(engine.num_layers):
+            ks = engine.k_scale[i] if engine.k_scale is not None else None
+            vs = engine.v_scale[i] if engine.v_scale is not None else None
+            decode_attention(q, engine.k_cache[i], engine.v_cache[i], ks, vs, engine._start, engine._slot,
+                             engine.scaling, 1, block_n, warps, stages, variant)
+
+    def gemms():
+        for lay in engine.layers:
+            F.linear(x, lay.wqkv, lay.bqkv)
+            F.linear(x, lay.wo, lay.bo)
+            F.linear(x, lay.wgu, lay.bgu)
+            F.linear(a, lay.wd, lay.bd)
+
+    out = {}
+    for name, fn in (("step", step), ("attention", attention), ("gemm", gemms)):
+        fn()
+        torch.cuda.synchronize()
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with PowerMonitor() as power:
+            import time
+
+            start, reps = time.perf_counter(), 0
+            t0.record()
+            while time.perf_counter() - start < seconds:
+                for _ in range(10):
+                    fn()
+                reps += 10
+                torch.cuda.synchronize()
+            t1.record()
+            torch.cuda.synchronize()
+        out[name] = {"ms": t0.elapsed_time(t1) / reps, **power.summary()}
+        log(f"  sustained {name:9s} batch {batch}: {out[name]['ms']:.2f} ms, "
+            f"{out[name]['watts'] or float('nan'):.0f} W, SM {out[name]['sm_mhz'] or float('nan'):.0f} MHz")
+    return out
+
+
+def prefill_profile(engine: JanusEngine, batch: int, boi: int, vocab: int, device) -> dict:
+    """One prefill (2 x batch rows of PROMPT_LEN tokens) under the profiler: GPU ms by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from generation import prompts
+    from safecb.models.generation import cfg_batch
+
+    ids, mask = prompts(batch, vocab, boi, device, seed=5)
+    ids2, mask2 = cfg_batch(ids, mask, BOS, boi, PAD)
+    with torch.no_grad():
+        engine._prefill(ids2, mask2)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine._prefill(ids2, mask2)
+            torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if us and event.key and not event.key.startswith("cuda"):
+            kernels[event.key[:90]] = us / 1e3
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12])
+    log(f"  prefill batch {batch}: {sum(kernels.values()):.1f} ms GPU; top: "
+        + "; ".join(f"{k[:60]} {v:.1f}" for k, v in top.items()))
+    return {"batch": batch, "gpu_ms": sum(kernels.values()), "top_kernels_ms": top}
+
+
 def invariance(model, boi: int, vocab: int, device) -> dict:
     """Share of (prompt, seed) pairs whose tokens are identical alone / reordered / among others."""
     g = torch.Generator().manual_seed(9)
@@ -186,7 +348,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode-step-h200.json"))
     ap.add_argument("--batches", default="256,512")
+    ap.add_argument("--sweep-rows", default="512,1280", help="attention rows to sweep (2 x images)")
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--sustained", default="", help="fp8 batches to run under sustained load (power, clock)")
+    ap.add_argument("--timeline", default="", help="fp8 batches to time whole generate calls for, e.g. 512,640")
     ap.add_argument("--skip-invariance", action="store_true")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -202,8 +367,10 @@ def main(argv=None) -> int:
             Path(os.environ["OUT"], Path(args.out).name).write_text(json.dumps(res, indent=1))
 
     if not args.skip_sweep:
-        log("== decode attention, one layer, 512 rows, mean context")
-        res["attention"] = sweep_attention(device)
+        res["attention"] = {}
+        for rows in (int(r) for r in args.sweep_rows.split(",")):
+            log(f"== decode attention, one layer, {rows} rows, mean context")
+            res["attention"].update(sweep_attention(device, rows=rows))
         res["best"] = {kv: best_attention(res["attention"], kv) for kv in ("bf16", "fp8")}
         log(f"  best: {res['best']}")
         save()
@@ -214,8 +381,33 @@ def main(argv=None) -> int:
         log("== batch invariance (1B, sampling, 12 prompts of 12-40 tokens)")
         res["invariance"] = invariance(model, boi, vocab, device)
         save()
+    if args.timeline:
+        res["timeline"] = []
+        config = tuple(best["fp8"]) if best.get("fp8") else None
+        for batch in (int(b) for b in args.timeline.split(",")):
+            engine = JanusEngine(model, max_batch=batch, max_prompt_len=PROMPT_LEN, num_image_tokens=N_TOKENS,
+                                 kv_dtype="fp8", attn_config=config)
+            r = {"kv": "fp8", "config": list(engine.attn_config), **timeline(engine, batch, boi, vocab, device)}
+            res["timeline"].append(r)
+            log(f"  timeline fp8 {engine.attn_config} batch {batch}: {r['img_per_s']:.1f} img/s; first token "
+                f"{r['prefill_s'] * 1e3:.0f} ms (prefill alone {r['prefill_only_s'] * 1e3:.0f}); step ms by quarter "
+                + " ".join(f"{x:.2f}" for x in r["step_ms_by_quarter"]))
+            save()
+            del engine
+            free_memory(device)
+    if args.sustained:
+        res["sustained"], res["prefill"] = [], []
+        for batch in (int(b) for b in args.sustained.split(",")):
+            engine = JanusEngine(model, max_batch=batch, max_prompt_len=PROMPT_LEN, num_image_tokens=N_TOKENS,
+                                 kv_dtype="fp8", attn_config=tuple(best["fp8"]) if best.get("fp8") else None)
+            res["prefill"].append(prefill_profile(engine, batch, boi, vocab, device))
+            res["sustained"].append({"batch": batch, "config": list(engine.attn_config),
+                                     **sustained(engine, batch, boi, vocab, device)})
+            save()
+            del engine
+            free_memory(device)
     res["steps"] = []
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in args.batches.split(",") if b]
     setups = [("bf16", best.get("bf16")), ("fp8", (16, 1, 1, "sum2p"))]
     if best.get("fp8") and tuple(best["fp8"]) != (16, 1, 1, "sum2p"):
         setups.append(("fp8", best["fp8"]))

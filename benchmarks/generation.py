@@ -197,8 +197,8 @@ def bench_attention(device, rows=512, heads=16, dim=128, prompt=PROMPT_LEN, n=57
         per_elt = 1 if kv == "fp8" else 2
         nbytes = rows * heads * ctx * dim * per_elt * 2 + (rows * heads * ctx * 8 if kv == "fp8" else 0)
         configs = ([(64, 4, 3, "dot"), (64, 4, 4, "dot"), (128, 8, 3, "dot"), (32, 4, 4, "dot")] if kv == "bf16"
-                   else [(128, 4, 1, "sum"), (16, 1, 1, "sum2p"), (8, 4, 1, "cuda"), (16, 4, 1, "cuda"),
-                         (32, 4, 1, "cuda")])
+                   else [(128, 4, 1, "sum"), (16, 1, 1, "sum2p"), (32, 4, 1, "cuda"), (16, 2, 3, "cuda"),
+                         (32, 2, 3, "cuda"), (32, 2, 4, "cuda")])
         best = None
         for block_n, warps, stages, variant in configs:
             try:
@@ -347,7 +347,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-7b", action="store_true")
     ap.add_argument("--hf-sizes", default="1,16,64,256")
     ap.add_argument("--sizes", default="1,16,64,256,384", help="engine batch sizes, bf16 cache, 1B")
-    ap.add_argument("--fp8-sizes", default="64,256,512,640")
+    ap.add_argument("--fp8-sizes", default="64,256,512,640,768")
     ap.add_argument("--sizes-7b", default="1,16,64,128,160")
     ap.add_argument("--hf-short-steps", type=int, default=48, help="HF batch 1: time this many steps, extrapolate")
     args = ap.parse_args(argv)

@@ -15,7 +15,11 @@ SOURCE = Path(__file__).with_name("fp8_decode_attention.cu")
 _SIGNATURE = ("void fp8_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, "
               "torch::Tensor k_scale, torch::Tensor v_scale, torch::Tensor start, torch::Tensor slot, "
               "torch::Tensor out, torch::Tensor partial, torch::Tensor lse, int64_t splits, double qk_scale, "
-              "int64_t keys_per_iter);")
+              "int64_t keys_per_iter, int64_t warps_per_block, int64_t stages);")
+
+# (keys per warp iteration, stages) pairs the .cu file instantiates; stages 1 = loads into registers,
+# stages > 1 = a cp.async ring of that many tiles in shared memory.
+CUDA_TILES = ((8, 1), (16, 1), (32, 1), (16, 2), (16, 3), (16, 4), (32, 2), (32, 3), (32, 4))
 
 
 @functools.cache

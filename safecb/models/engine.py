@@ -52,7 +52,7 @@ KV_DTYPES = ("bf16", "fp8")
 # Decode attention: keys per tile, warps per program, pipeline stages, kernel variant; by cache type.
 # Measured on an H200 (benchmarks/results/decode-step-h200.json): bf16 Triton "dot" 4.3 TB/s; over the
 # fp8 cache the CUDA C++ kernel 3.7 TB/s (32 keys a warp iteration), Triton's best ("sum2p") 3.0.
-DEFAULT_ATTN_CONFIG = {"bf16": (64, 4, 3, "dot"), "fp8": (32, 4, 1, "cuda")}
+DEFAULT_ATTN_CONFIG = {"bf16": (64, 4, 3, "dot"), "fp8": (32, 2, 3, "cuda")}
 FALLBACK_ATTN_CONFIG = (16, 1, 1, "sum2p")  # fp8 when the CUDA kernel cannot be built or used
 log = logging.getLogger(__name__)
 
@@ -422,7 +422,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Variants: 'dot' Triton tensor-core tiles with pipelined loads (fp8 tiles converted to fp16); 'sum'
     Triton CUDA-core tiles; 'sum2p' the same with a (BLOCK_N, D) accumulator reduced once at the end and
     the next tile's loads issued before the current tile's arithmetic; 'cuda' (fp8, head_dim 128, bf16)
-    the CUDA C++ kernel of `fp8_decode_attention.cu`, block_n = keys per warp iteration (8, 16 or 32)."""
+    the CUDA C++ kernel of `fp8_decode_attention.cu`: block_n = keys per warp iteration, num_warps = warps
+    per block, num_stages 1 = loads into registers, > 1 = a cp.async ring of that many tiles."""
     rows, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     fp8 = k_scale is not None
@@ -441,14 +442,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     shape = dict(HEADS=heads, GROUP=heads // kv_heads, D=dim, BLOCK_N=block_n, SPLITS=splits, FP8=fp8,
                  INTERPRET=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
     if variant == "cuda":
-        if not (fp8 and dim == 128 and q.dtype == torch.bfloat16) or block_n not in (8, 16, 32):
-            raise ValueError("attention variant 'cuda' needs an fp8 cache, head_dim 128, bf16 queries and "
-                             "block_n (keys per warp iteration) 8, 16 or 32")
-        from safecb.models.cuda_kernels import fp8_decode_attention_module
+        from safecb.models.cuda_kernels import CUDA_TILES, fp8_decode_attention_module
 
+        if not (fp8 and dim == 128 and q.dtype == torch.bfloat16) or (block_n, num_stages) not in CUDA_TILES:
+            raise ValueError("attention variant 'cuda' needs an fp8 cache, head_dim 128, bf16 queries and "
+                             f"(block_n = keys per warp iteration, num_stages) in {CUDA_TILES}")
         fp8_decode_attention_module().fp8_decode_attention(
             q, k_cache, v_cache, k_scale, v_scale, start, slot, out, partial if splits > 1 else k_scale[:0, 0, 0],
-            lse if splits > 1 else k_scale[:0, 0, 0], splits, sm_scale * 1.4426950408889634, block_n)
+            lse if splits > 1 else k_scale[:0, 0, 0], splits, sm_scale * 1.4426950408889634, block_n, num_warps,
+            num_stages)
     elif variant.startswith("sum"):
         _decode_attn_sum_kernel[(rows, heads, splits)](*args, **shape, WIDE=variant == "sum2p")
     else:
@@ -686,18 +688,21 @@ class JanusEngine:
         guided = cfg_logits(logits[:batch], logits[batch:], params.guidance)
         return sample_tokens(guided, self._seeds[:batch], step, params.temperature, params.top_k)
 
-    def _write_cache(self, layer: int, rows: int, slots: slice | int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v (R, KVH, S, D) (or (R, KVH, D) for one slot) into the cache at `slots`."""
+    def _write_cache(self, layer: int, rows: int, slots: slice | int, k: torch.Tensor, v: torch.Tensor,
+                     row_map: torch.Tensor | None = None) -> None:
+        """k, v (R, KVH, S, D) (or (R, KVH, D) for one slot) into the cache at `slots`; with row_map (rows,),
+        cache row i takes k[row_map[i]] (rows computed once, stored for several)."""
+        pick = (lambda t: t) if row_map is None else (lambda t: t.index_select(0, row_map))  # noqa: E731
         if self.kv_dtype == "fp8":
             kq, ks = quantize_fp8(k)
             vq, vs = quantize_fp8(v)
-            self.k_cache[layer, :rows, :, slots] = kq
-            self.v_cache[layer, :rows, :, slots] = vq
-            self.k_scale[layer, :rows, :, slots] = ks
-            self.v_scale[layer, :rows, :, slots] = vs
+            self.k_cache[layer, :rows, :, slots] = pick(kq)
+            self.v_cache[layer, :rows, :, slots] = pick(vq)
+            self.k_scale[layer, :rows, :, slots] = pick(ks)
+            self.v_scale[layer, :rows, :, slots] = pick(vs)
         else:
-            self.k_cache[layer, :rows, :, slots] = k
-            self.v_cache[layer, :rows, :, slots] = v
+            self.k_cache[layer, :rows, :, slots] = pick(k)
+            self.v_cache[layer, :rows, :, slots] = pick(v)
 
     def _read_cache(self, layer: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.k_cache[layer, :rows, :, :length]
@@ -721,33 +726,61 @@ class JanusEngine:
         v = qkv[..., qd + kd:].view(r, s, self.kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
+    @staticmethod
+    def _distinct_uncond_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a (2B, T) CFG batch: the rows to run (B conditional, then the distinct unconditional ones)
+        and, for each of the 2B rows, the run row that holds its values.
+
+        An unconditional row is BOS, pads and BOI after its left padding, so rows differ only by their
+        prompt length: the prefill runs each distinct one once (about half the work) and copies its
+        cache. The distinct rows are padded to min(B, T) so that the prefill's shapes depend on (B, T)
+        alone (what `batch_invariant` needs); a prompt with BOS or BOI inside it can make more distinct
+        rows than that, and then every row runs as before."""
+        rows, length = ids.shape
+        batch = rows // 2
+        width = min(batch, length)
+        arange = torch.arange(batch, device=ids.device)
+        _, inverse = torch.unique(torch.cat([ids[batch:], mask[batch:]], 1), dim=0, return_inverse=True)
+        distinct = int(inverse.max()) + 1
+        if width == batch or distinct > width:
+            every = torch.arange(rows, device=ids.device)
+            return every, every
+        first = torch.full((distinct,), batch, device=ids.device, dtype=torch.long).scatter_reduce_(
+            0, inverse, arange, reduce="amin")  # the first row of each distinct prompt
+        first = torch.cat([first, first[-1:].expand(width - distinct)])
+        return torch.cat([arange, batch + first]), torch.cat([arange, batch + inverse])
+
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the (2B, T) prompt batch, fill cache slots [0, T). Returns last hidden (2B, H), last
         positions (2B,), first valid slot per row (2B,)."""
         rows, length = ids.shape
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (R, T)
-        start = length - mask.sum(-1)  # (R,) left padding
-        x = F.embedding(ids, self.embed)  # (R, T, H)
-        cos = self.cos[positions][:, None]  # (R, 1, T, D)
+        last_positions = mask.sum(-1) - 1  # positions count real tokens only
+        all_starts = length - mask.sum(-1)
+        run, row_map = self._distinct_uncond_rows(ids, mask)
+        ids, mask = ids.index_select(0, run), mask.index_select(0, run)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (R', T)
+        start = length - mask.sum(-1)  # (R',) left padding
+        x = F.embedding(ids, self.embed)  # (R', T, H)
+        cos = self.cos[positions][:, None]  # (R', 1, T, D)
         sin = self.sin[positions][:, None]
         j = torch.arange(length, device=ids.device)
         causal = j[None, :] <= j[:, None]  # (T, T) [query, key]
         allowed = (causal[None] & (j[None, None, :] >= start[:, None, None])) | torch.eye(
             length, dtype=torch.bool, device=ids.device)[None]  # a pad query sees itself: no NaN
-        allowed = allowed[:, None]  # (R, 1, T, T)
+        allowed = allowed[:, None]  # (R', 1, T, T)
         gqa = self.kv_heads != self.heads
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1, self.eps)
             q, k, v = self._split_qkv(F.linear(h, layer.wqkv, layer.bqkv))
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
-            self._write_cache(index, rows, slice(0, length), k, v)
+            self._write_cache(index, rows, slice(0, length), k, v, row_map)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scaling, enable_gqa=gqa)
-            o = o.transpose(1, 2).reshape(rows, length, -1)
+            o = o.transpose(1, 2).reshape(len(run), length, -1)
             x = x + F.linear(o, layer.wo, layer.bo)
             x = x + self._mlp(layer, _rms_norm(x, layer.ln2, self.eps))
-        h = _rms_norm(x[:, -1], self.norm, self.eps)
-        return h, positions[:, -1], start
+        h = _rms_norm(x[:, -1], self.norm, self.eps).index_select(0, row_map)
+        return h, last_positions, all_starts
 
     def _layers_torch(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """One-token decode through all layers with torch ops (reference / CPU). x (R, H)."""

@@ -83,6 +83,29 @@ def test_greedy_matches_hf_generate(tiny):
     assert torch.equal(_engine(engine, ids, mask, torch.tensor([5, 6]), GREEDY, special), hf)
 
 
+def test_prefill_runs_each_distinct_unconditional_prompt_once(tiny):
+    """More prompts than tokens: the unconditional rows (BOS, pads, BOI) differ only by their length, so the
+    prefill runs B + min(B, T) rows, and the tokens stay those of the plain loop and of HF generate."""
+    model, tok, special = tiny
+    texts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(1 + i % 4)) for i in range(12)]
+    ids, mask = _encode(tok, texts)
+    from safecb.models.generation import cfg_batch
+
+    ids2, mask2 = cfg_batch(ids, mask, special["bos"], special["boi"], special["pad"])
+    run, row_map = JanusEngine._distinct_uncond_rows(ids2, mask2)
+    assert len(run) == 12 + min(12, ids.shape[1]) < 24
+    assert torch.equal(ids2[run][row_map], ids2) and torch.equal(mask2[run][row_map], mask2)
+    seeds = torch.arange(12) + 40
+    engine = JanusEngine(model, max_batch=12, max_prompt_len=12, num_image_tokens=16)
+    for params in (GREEDY, SAMPLE):
+        assert torch.equal(_engine(engine, ids, mask, seeds, params, special),
+                           _plain(model, ids, mask, seeds, params, special))
+    same, same_mask = _encode(tok, [f"{a} {b}" for a in WORDS[:3] for b in WORDS[3:6]])  # 9 of one length
+    assert bool(same_mask.all())
+    hf = model.generate(same, attention_mask=same_mask, generation_mode="image", do_sample=False, guidance_scale=3.0)
+    assert torch.equal(_engine(engine, same, same_mask, torch.arange(9), GREEDY, special), hf)
+
+
 def test_sampling_matches_plain_loop(tiny):
     model, tok, special = tiny
     ids, mask = _encode(tok, TEXTS[:3])
@@ -400,7 +423,7 @@ def test_gpu_fused_cfg_sampling_kernel_gives_the_same_tokens():
 @needs_cuda
 def test_gpu_cuda_fp8_attention_kernel_matches_a_float_reference():
     """The CUDA C++ fp8 kernel (built on first use) over random caches, one and four sequence splits."""
-    from safecb.models.cuda_kernels import load_error
+    from safecb.models.cuda_kernels import CUDA_TILES, load_error
     from safecb.models.engine import decode_attention
 
     reason = load_error()
@@ -416,8 +439,10 @@ def test_gpu_cuda_fp8_attention_kernel_matches_a_float_reference():
     kd, vd = kq.float() * ks[..., None], vq.float() * vs[..., None]
     ref = torch.stack([(torch.softmax(q[r].float()[:, None] @ kd[r, :, start[r]:271].transpose(1, 2) * dim ** -0.5, -1)
                         @ vd[r, :, start[r]:271])[:, 0].reshape(-1) for r in range(rows)])
-    for splits, keys in ((1, 8), (1, 16), (4, 16), (1, 32)):
-        out = decode_attention(q, kq, vq, ks, vs, start, slot, dim ** -0.5, splits=splits, block_n=keys,
-                               variant="cuda").float()
-        err = ((out - ref).norm() / ref.norm()).item()
-        assert err < 5e-3, (splits, keys, err)
+    # Every instantiated (keys, stages) tile; 5 warps a block leaves a partly empty last block.
+    for keys, stages in CUDA_TILES:
+        for splits, warps in ((1, 4), (4, 5)):
+            out = decode_attention(q, kq, vq, ks, vs, start, slot, dim ** -0.5, splits=splits, block_n=keys,
+                                   num_warps=warps, num_stages=stages, variant="cuda").float()
+            err = ((out - ref).norm() / ref.norm()).item()
+            assert err < 5e-3, (keys, stages, splits, warps, err)
