@@ -14,6 +14,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("fp8_decode_attention.cu")
 _SIGNATURE = ("void fp8_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, "
               "torch::Tensor k_scale, torch::Tensor v_scale, torch::Tensor start, torch::Tensor slot, "
+              "torch::Tensor prompt_row, torch::Tensor prompt_end, "
               "torch::Tensor out, torch::Tensor partial, torch::Tensor lse, int64_t splits, double qk_scale, "
               "int64_t keys_per_iter, int64_t warps_per_block, int64_t stages);")
 

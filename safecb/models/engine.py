@@ -415,7 +415,8 @@ ATTN_VARIANTS = ("dot", "sum", "sum2p", "cuda")
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
                      v_scale: torch.Tensor | None, start: torch.Tensor, slot: torch.Tensor, sm_scale: float,
                      splits: int = 1, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
-                     variant: str = "dot") -> torch.Tensor:
+                     variant: str = "dot", prompt_row: torch.Tensor | None = None,
+                     prompt_end: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention. q (R, H, D); caches (R', KVH, L, D) (R' >= R); scales (R', KVH, L) for fp8;
     start (R,) int32 first valid slot; slot () int32 last valid slot. Returns (R, H*D) in q's dtype.
 
@@ -423,7 +424,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Triton CUDA-core tiles; 'sum2p' the same with a (BLOCK_N, D) accumulator reduced once at the end and
     the next tile's loads issued before the current tile's arithmetic; 'cuda' (fp8, head_dim 128, bf16)
     the CUDA C++ kernel of `fp8_decode_attention.cu`: block_n = keys per warp iteration, num_warps = warps
-    per block, num_stages 1 = loads into registers, > 1 = a cp.async ring of that many tiles."""
+    per block, num_stages 1 = loads into registers, > 1 = a cp.async ring of that many tiles.
+
+    prompt_row (R,) int32 and prompt_end () int32: row r's slots [0, prompt_end) hold the same values as
+    row prompt_row[r]'s; the 'cuda' kernel reads them there (fewer distinct bytes), the others ignore it."""
     rows, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     fp8 = k_scale is not None
@@ -447,8 +451,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if not (fp8 and dim == 128 and q.dtype == torch.bfloat16) or (block_n, num_stages) not in CUDA_TILES:
             raise ValueError("attention variant 'cuda' needs an fp8 cache, head_dim 128, bf16 queries and "
                              f"(block_n = keys per warp iteration, num_stages) in {CUDA_TILES}")
+        none = start[:0]
         fp8_decode_attention_module().fp8_decode_attention(
-            q, k_cache, v_cache, k_scale, v_scale, start, slot, out, partial if splits > 1 else k_scale[:0, 0, 0],
+            q, k_cache, v_cache, k_scale, v_scale, start, slot, none if prompt_row is None else prompt_row,
+            none if prompt_end is None else prompt_end, out, partial if splits > 1 else k_scale[:0, 0, 0],
             lse if splits > 1 else k_scale[:0, 0, 0], splits, sm_scale * 1.4426950408889634, block_n, num_warps,
             num_stages)
     elif variant.startswith("sum"):
@@ -588,6 +594,10 @@ class JanusEngine:
         self._slot = torch.zeros((), device=dev, dtype=torch.int32)  # cache slot the step writes
         self._pos = torch.zeros(rows, device=dev, dtype=torch.long)  # RoPE position of the step's token
         self._start = torch.zeros(rows, device=dev, dtype=torch.int32)  # first valid slot per row
+        # Row whose cache holds the same prompt slots (prefill computed it once): the CUDA kernel reads the
+        # prompt there, so the unconditional rows' prompt comes from a few rows (L2) rather than HBM.
+        self._prompt_row = torch.arange(rows, device=dev, dtype=torch.int32)
+        self._prompt_end = torch.zeros((), device=dev, dtype=torch.int32)  # prompt slots: [0, prompt_end)
         self._slot_host = 0  # the same slot, for the torch backend's slicing
         self._graphs: dict[Any, Any] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
@@ -780,6 +790,8 @@ class JanusEngine:
             x = x + F.linear(o, layer.wo, layer.bo)
             x = x + self._mlp(layer, _rms_norm(x, layer.ln2, self.eps))
         h = _rms_norm(x[:, -1], self.norm, self.eps).index_select(0, row_map)
+        self._prompt_row[:rows].copy_(run.index_select(0, row_map))
+        self._prompt_end.fill_(length)
         return h, last_positions, all_starts
 
     def _layers_torch(self, x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -824,7 +836,8 @@ class JanusEngine:
                 ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0,
                 HEADS=self.heads, KV_HEADS=self.kv_heads, D=self.head_dim, FP8=fp8, num_warps=1)
             o = decode_attention(q, kc, vc, ks, vs, self._start, self._slot, self.scaling, splits=splits,
-                                 block_n=block_n, num_warps=warps, num_stages=stages, variant=variant)
+                                 block_n=block_n, num_warps=warps, num_stages=stages, variant=variant,
+                                 prompt_row=self._prompt_row, prompt_end=self._prompt_end)
             o = F.linear(o, layer.wo, layer.bo)
             _add_rmsnorm(x, o, layer.ln2, h, self.eps)
             gu = F.linear(h, layer.wgu, layer.bgu)

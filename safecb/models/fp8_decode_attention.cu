@@ -14,7 +14,9 @@
 //
 // Layouts (as `safecb.models.engine.JanusEngine` keeps them): q (R, H, 128) bf16; caches (R', KVH, L, 128)
 // e4m3; scales (R', KVH, L) fp32 (value = e4m3 * scale); start (R,) int32 first valid slot; slot () int32
-// last valid slot. Scores are in the log2 domain (qk_scale includes log2 e), as in the Triton kernels,
+// last valid slot; prompt_row (R,) int32 and prompt_end () int32, optional: row r's slots [0, prompt_end)
+// are read from row prompt_row[r] (the same values: the prefill computed each unconditional prompt once,
+// so hundreds of rows read one row's prompt, from L2). Scores are in the log2 domain (qk_scale includes log2 e), as in the Triton kernels,
 // so the split partials (op, lse) combine with the same `_combine_kernel`.
 #include <cstdint>
 #include <cuda_bf16.h>
@@ -91,10 +93,12 @@ __device__ __forceinline__ void attend_tile(const float (&qv)[16], const uint4 (
 // Where one warp works: its (row, head, split), key range [lo, hi), and its lane's 16 dims of q.
 struct WarpTask {
     int row, head, kvh, split, lo, hi, dpart, kpart;
+    int prompt_row, prompt_end;  // keys < prompt_end are read from row prompt_row
 };
 
 __device__ __forceinline__ WarpTask warp_task(int warp, int lane, int heads, int group, int splits, int keys,
-                                              const int* __restrict__ start, const int* __restrict__ slot) {
+                                              const int* __restrict__ start, const int* __restrict__ slot,
+                                              const int* __restrict__ prompt_row, const int* __restrict__ prompt_end) {
     WarpTask t;
     t.split = warp % splits;
     t.row = warp / splits / heads;
@@ -107,7 +111,28 @@ __device__ __forceinline__ WarpTask warp_task(int warp, int lane, int heads, int
     t.hi = min(t.lo + chunk, end);
     t.dpart = lane & 7;   // this lane's 16 of the 128 dims
     t.kpart = lane >> 3;  // this lane's key among the 4 of a warp load
+    t.prompt_row = prompt_row ? prompt_row[t.row] : t.row;
+    t.prompt_end = prompt_row ? *prompt_end : 0;
     return t;
+}
+
+// A warp's cache rows: its own, and the one its prompt slots are read from (keys < prompt_end).
+struct KvRows {
+    const uint8_t *k, *v, *k_prompt, *v_prompt;
+    const float *ks, *vs, *ks_prompt, *vs_prompt;
+    // Selects, not an indexed array: an array indexed at run time would live in local memory.
+    __device__ __forceinline__ const uint8_t* kp(bool prompt) const { return prompt ? k_prompt : k; }
+    __device__ __forceinline__ const uint8_t* vp(bool prompt) const { return prompt ? v_prompt : v; }
+    __device__ __forceinline__ const float* ksp(bool prompt) const { return prompt ? ks_prompt : ks; }
+    __device__ __forceinline__ const float* vsp(bool prompt) const { return prompt ? vs_prompt : vs; }
+};
+
+__device__ __forceinline__ KvRows kv_rows(const WarpTask& t, const uint8_t* kc, const uint8_t* vc, const float* ks,
+                                          const float* vs, int64_t stride_cr, int64_t stride_ch, int64_t stride_sr,
+                                          int64_t stride_sh) {
+    const int64_t own = t.row * stride_cr + t.kvh * stride_ch, shared = t.prompt_row * stride_cr + t.kvh * stride_ch;
+    const int64_t own_s = t.row * stride_sr + t.kvh * stride_sh, shared_s = t.prompt_row * stride_sr + t.kvh * stride_sh;
+    return {kc + own, vc + own, kc + shared, vc + shared, ks + own_s, vs + own_s, ks + shared_s, vs + shared_s};
 }
 
 __device__ __forceinline__ void load_query(const __nv_bfloat16* __restrict__ q, const WarpTask& t, int heads,
@@ -144,7 +169,8 @@ __device__ __forceinline__ void write_result(const WarpTask& t, int heads, int s
 #define KERNEL_ARGS                                                                                              \
     const __nv_bfloat16 *__restrict__ q, const uint8_t *__restrict__ kc, const uint8_t *__restrict__ vc,      \
         const float *__restrict__ ks, const float *__restrict__ vs, const int *__restrict__ start,             \
-        const int *__restrict__ slot, __nv_bfloat16 *__restrict__ out, float *__restrict__ op,                 \
+        const int *__restrict__ slot, const int *__restrict__ prompt_row, const int *__restrict__ prompt_end,   \
+        __nv_bfloat16 *__restrict__ out, float *__restrict__ op,                                                \
         float *__restrict__ lse, int rows, int heads, int group, int splits, int64_t stride_cr,                \
         int64_t stride_ch, int64_t stride_sr, int64_t stride_sh, float qk_scale
 
@@ -154,13 +180,10 @@ __global__ void __launch_bounds__(256) fp8_decode_attention_kernel(KERNEL_ARGS) 
     constexpr int KEYS = 4 * U;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (warp >= rows * heads * splits) return;
-    const WarpTask t = warp_task(warp, threadIdx.x & 31, heads, group, splits, KEYS, start, slot);
+    const WarpTask t = warp_task(warp, threadIdx.x & 31, heads, group, splits, KEYS, start, slot, prompt_row, prompt_end);
     float qv[16];
     load_query(q, t, heads, qk_scale, qv);
-    const uint8_t* kb = kc + t.row * stride_cr + t.kvh * stride_ch + t.dpart * 16;
-    const uint8_t* vb = vc + t.row * stride_cr + t.kvh * stride_ch + t.dpart * 16;
-    const float* ksb = ks + t.row * stride_sr + t.kvh * stride_sh;
-    const float* vsb = vs + t.row * stride_sr + t.kvh * stride_sh;
+    const KvRows p = kv_rows(t, kc, vc, ks, vs, stride_cr, stride_ch, stride_sr, stride_sh);
 
     float m = -CUDART_INF_F, l = 0.f, acc[16];
 #pragma unroll
@@ -172,10 +195,12 @@ __global__ void __launch_bounds__(256) fp8_decode_attention_kernel(KERNEL_ARGS) 
         for (int u = 0; u < U; ++u) {  // all loads first: U x 2 x 16 bytes in flight per lane
             const int key = n0 + 4 * u + t.kpart;
             const bool ok = key < t.hi;
-            kraw[u] = ok ? __ldg(reinterpret_cast<const uint4*>(kb + static_cast<int64_t>(key) * D)) : make_uint4(0, 0, 0, 0);
-            vraw[u] = ok ? __ldg(reinterpret_cast<const uint4*>(vb + static_cast<int64_t>(key) * D)) : make_uint4(0, 0, 0, 0);
-            ksc[u] = ok ? __ldg(ksb + key) : 0.f;
-            vsc[u] = ok ? __ldg(vsb + key) : 0.f;
+            const bool r = key < t.prompt_end;
+            const int64_t off = static_cast<int64_t>(key) * D + t.dpart * 16;
+            kraw[u] = ok ? __ldg(reinterpret_cast<const uint4*>(p.kp(r) + off)) : make_uint4(0, 0, 0, 0);
+            vraw[u] = ok ? __ldg(reinterpret_cast<const uint4*>(p.vp(r) + off)) : make_uint4(0, 0, 0, 0);
+            ksc[u] = ok ? __ldg(p.ksp(r) + key) : 0.f;
+            vsc[u] = ok ? __ldg(p.vsp(r) + key) : 0.f;
         }
         attend_tile<U>(qv, kraw, vraw, ksc, vsc, t.hi - n0, t.kpart, m, l, acc);
     }
@@ -216,13 +241,10 @@ __global__ void __launch_bounds__(256) fp8_decode_attention_pipelined_kernel(KER
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (warp >= rows * heads * splits) return;  // a whole warp leaves: no barrier below spans warps
     Tile<KEYS>* ring = reinterpret_cast<Tile<KEYS>*>(smem_raw) + (threadIdx.x >> 5) * STAGES;
-    const WarpTask t = warp_task(warp, lane, heads, group, splits, KEYS, start, slot);
+    const WarpTask t = warp_task(warp, lane, heads, group, splits, KEYS, start, slot, prompt_row, prompt_end);
     float qv[16];
     load_query(q, t, heads, qk_scale, qv);
-    const uint8_t* kb = kc + t.row * stride_cr + t.kvh * stride_ch;
-    const uint8_t* vb = vc + t.row * stride_cr + t.kvh * stride_ch;
-    const float* ksb = ks + t.row * stride_sr + t.kvh * stride_sh;
-    const float* vsb = vs + t.row * stride_sr + t.kvh * stride_sh;
+    const KvRows p = kv_rows(t, kc, vc, ks, vs, stride_cr, stride_ch, stride_sr, stride_sh);
     const int tiles = t.hi > t.lo ? (t.hi - t.lo + KEYS - 1) / KEYS : 0;
 
     // Lane l copies 16-byte chunks l, l+32, ... of a tile's K and V (8 chunks a key: coalesced rows),
@@ -235,16 +257,18 @@ __global__ void __launch_bounds__(256) fp8_decode_attention_pipelined_kernel(KER
             const int c = lane + 32 * j;
             const int key = n0 + (c >> 3);
             const bool ok = key < t.hi;
+            const bool r = key < t.prompt_end;
             const int64_t off = static_cast<int64_t>(ok ? key : t.lo) * D + (c & 7) * 16;
-            cp_async16(&dst.k[c], kb + off, ok);
-            cp_async16(&dst.v[c], vb + off, ok);
+            cp_async16(&dst.k[c], p.kp(r) + off, ok);
+            cp_async16(&dst.v[c], p.vp(r) + off, ok);
         }
 #pragma unroll
         for (int c = lane; c < 2 * KEYS; c += 32) {
             const int i = c % KEYS;
             const int key = n0 + i;
             const bool ok = key < t.hi;
-            const float* src = (c < KEYS ? ksb : vsb) + (ok ? key : t.lo);
+            const bool r = key < t.prompt_end;
+            const float* src = (c < KEYS ? p.ksp(r) : p.vsp(r)) + (ok ? key : t.lo);
             cp_async4(c < KEYS ? &dst.ks[i] : &dst.vs[i], src, ok);
         }
     };
@@ -281,13 +305,18 @@ __global__ void __launch_bounds__(256) fp8_decode_attention_pipelined_kernel(KER
 }  // namespace
 
 void fp8_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k_scale,
-                          torch::Tensor v_scale, torch::Tensor start, torch::Tensor slot, torch::Tensor out,
+                          torch::Tensor v_scale, torch::Tensor start, torch::Tensor slot, torch::Tensor prompt_row,
+                          torch::Tensor prompt_end, torch::Tensor out,
                           torch::Tensor partial, torch::Tensor lse, int64_t splits, double qk_scale,
                           int64_t keys_per_iter, int64_t warps_per_block, int64_t stages) {
     TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.size(2) == D && q.is_contiguous(), "q: (R, H, 128) bf16");
     TORCH_CHECK(k_cache.element_size() == 1 && k_cache.stride(3) == 1 && k_cache.stride(2) == D, "k cache: e4m3 (R, KVH, L, 128)");
     TORCH_CHECK(v_cache.strides() == k_cache.strides(), "v cache: the layout of the k cache");
     TORCH_CHECK(k_scale.strides() == v_scale.strides() && k_scale.stride(2) == 1, "scales: (R, KVH, L) fp32");
+    const bool shared_prompt = prompt_row.numel() > 0;
+    TORCH_CHECK(!shared_prompt || (prompt_row.scalar_type() == at::kInt && prompt_row.numel() >= q.size(0) &&
+                                   prompt_end.scalar_type() == at::kInt && prompt_end.numel() == 1),
+                "prompt_row: (>= R,) int32 with prompt_end: () int32, or both empty");
     TORCH_CHECK(warps_per_block >= 1 && warps_per_block <= 8, "warps_per_block must be 1..8");
     const int rows = q.size(0), heads = q.size(1), kv_heads = k_cache.size(1);
     const int warps = rows * heads * static_cast<int>(splits);
@@ -305,7 +334,8 @@ void fp8_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor 
         kernel<<<blocks, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(
             reinterpret_cast<const __nv_bfloat16*>(q.data_ptr()), reinterpret_cast<const uint8_t*>(k_cache.data_ptr()),
             reinterpret_cast<const uint8_t*>(v_cache.data_ptr()), k_scale.data_ptr<float>(), v_scale.data_ptr<float>(),
-            start.data_ptr<int>(), slot.data_ptr<int>(), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+            start.data_ptr<int>(), slot.data_ptr<int>(), shared_prompt ? prompt_row.data_ptr<int>() : nullptr,
+            shared_prompt ? prompt_end.data_ptr<int>() : nullptr, reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
             partial.data_ptr<float>(), lse.data_ptr<float>(), rows, heads, heads / kv_heads, static_cast<int>(splits),
             k_cache.stride(0), k_cache.stride(1), k_scale.stride(0), k_scale.stride(1), static_cast<float>(qk_scale));
     };

@@ -100,6 +100,13 @@ def test_prefill_runs_each_distinct_unconditional_prompt_once(tiny):
     for params in (GREEDY, SAMPLE):
         assert torch.equal(_engine(engine, ids, mask, seeds, params, special),
                            _plain(model, ids, mask, seeds, params, special))
+    # Each row's prompt slots equal those of the row the CUDA kernel reads them from.
+    rows, length = 24, ids.shape[1]
+    prompt_row = engine._prompt_row[:rows].long()
+    assert int(engine._prompt_end) == length and len(set(prompt_row[12:].tolist())) < 12
+    assert torch.equal(prompt_row[:12], torch.arange(12))
+    for cache in (engine.k_cache, engine.v_cache):
+        assert torch.equal(cache[:, prompt_row, :, :length], cache[:, :rows, :, :length])
     same, same_mask = _encode(tok, [f"{a} {b}" for a in WORDS[:3] for b in WORDS[3:6]])  # 9 of one length
     assert bool(same_mask.all())
     hf = model.generate(same, attention_mask=same_mask, generation_mode="image", do_sample=False, guidance_scale=3.0)
@@ -439,6 +446,17 @@ def test_gpu_cuda_fp8_attention_kernel_matches_a_float_reference():
     kd, vd = kq.float() * ks[..., None], vq.float() * vs[..., None]
     ref = torch.stack([(torch.softmax(q[r].float()[:, None] @ kd[r, :, start[r]:271].transpose(1, 2) * dim ** -0.5, -1)
                         @ vd[r, :, start[r]:271])[:, 0].reshape(-1) for r in range(rows)])
+    # Rows 2 and 3 read their first 60 slots from rows 0 and 1 (same start: the prefill's shared prompts);
+    # give them the others' values there in the reference, and garbage in their own slots.
+    prompt_row = torch.tensor([0, 1, 0, 1, 4, 5], device="cuda", dtype=torch.int32)
+    prompt_end = torch.tensor(60, device="cuda", dtype=torch.int32)
+    shared_start = start.clone()
+    shared_start[2:4] = start[:2]
+    kd2, vd2 = kd.clone(), vd.clone()
+    kd2[2:4, :, :60], vd2[2:4, :, :60] = kd[:2, :, :60], vd[:2, :, :60]
+    ref_shared = torch.stack([(torch.softmax(q[r].float()[:, None] @ kd2[r, :, shared_start[r]:271].transpose(1, 2)
+                                             * dim ** -0.5, -1) @ vd2[r, :, shared_start[r]:271])[:, 0].reshape(-1)
+                              for r in range(rows)])
     # Every instantiated (keys, stages) tile; 5 warps a block leaves a partly empty last block.
     for keys, stages in CUDA_TILES:
         for splits, warps in ((1, 4), (4, 5)):
@@ -446,3 +464,8 @@ def test_gpu_cuda_fp8_attention_kernel_matches_a_float_reference():
                                    num_warps=warps, num_stages=stages, variant="cuda").float()
             err = ((out - ref).norm() / ref.norm()).item()
             assert err < 5e-3, (keys, stages, splits, warps, err)
+            out = decode_attention(q, kq, vq, ks, vs, shared_start, slot, dim ** -0.5, splits=splits, block_n=keys,
+                                   num_warps=warps, num_stages=stages, variant="cuda", prompt_row=prompt_row,
+                                   prompt_end=prompt_end).float()
+            err = ((out - ref_shared).norm() / ref_shared.norm()).item()
+            assert err < 5e-3, ("shared prompt", keys, stages, splits, warps, err)
