@@ -598,6 +598,7 @@ class JanusEngine:
         # prompt there, so the unconditional rows' prompt comes from a few rows (L2) rather than HBM.
         self._prompt_row = torch.arange(rows, device=dev, dtype=torch.int32)
         self._prompt_end = torch.zeros((), device=dev, dtype=torch.int32)  # prompt slots: [0, prompt_end)
+        self.shared_prompt_reads = True  # False: every row reads its own copy (benchmarks compare the two)
         self._slot_host = 0  # the same slot, for the torch backend's slicing
         self._graphs: dict[Any, Any] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
@@ -791,7 +792,7 @@ class JanusEngine:
             x = x + self._mlp(layer, _rms_norm(x, layer.ln2, self.eps))
         h = _rms_norm(x[:, -1], self.norm, self.eps).index_select(0, row_map)
         self._prompt_row[:rows].copy_(run.index_select(0, row_map))
-        self._prompt_end.fill_(length)
+        self._prompt_end.fill_(length if self.shared_prompt_reads else 0)
         return h, last_positions, all_starts
 
     def _layers_torch(self, x: torch.Tensor, rows: int) -> torch.Tensor:
