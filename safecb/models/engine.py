@@ -12,7 +12,10 @@ How it is fast (decoding is bound by reading the KV cache, then by the step's ma
   * a preallocated static KV cache (layers, 2*max_batch, kv_heads, max_len, head_dim); the attention
     kernel reads only each row's valid slots [first real prompt token, current slot], split along the
     sequence when the batch is too small to fill the GPU (flash-decoding), one pass over the bytes;
-  * optional fp8 (e4m3) cache with one fp32 scale per (row, head, slot): half the bytes to read;
+  * optional fp8 (e4m3) cache with one fp32 scale per (row, head, slot): half the bytes to read, by a
+    CUDA C++ kernel (`fp8_decode_attention.cu`) that streams tiles through a cp.async ring;
+  * the unconditional prompts (BOS, pads, BOI) differ only by length: the prefill runs each distinct one
+    once, and the fp8 kernel reads those prompt slots from that one row (L2), not from a copy per row;
   * the whole decode step (embed -> 24 layers -> head -> CFG -> sampling -> token bookkeeping) captured
     once per (batch size, sampling params) in a CUDA graph and replayed N-1 times; step counters live
     on the device, so one graph serves every step and every prompt length.

@@ -16,8 +16,8 @@
 // e4m3; scales (R', KVH, L) fp32 (value = e4m3 * scale); start (R,) int32 first valid slot; slot () int32
 // last valid slot; prompt_row (R,) int32 and prompt_end () int32, optional: row r's slots [0, prompt_end)
 // are read from row prompt_row[r] (the same values: the prefill computed each unconditional prompt once,
-// so hundreds of rows read one row's prompt, from L2). Scores are in the log2 domain (qk_scale includes log2 e), as in the Triton kernels,
-// so the split partials (op, lse) combine with the same `_combine_kernel`.
+// so hundreds of rows read one row's prompt, from L2). Scores are in the log2 domain (qk_scale includes
+// log2 e), as in the Triton kernels, so the split partials (op, lse) combine with `_combine_kernel`.
 #include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -195,12 +195,12 @@ __global__ void __launch_bounds__(256) fp8_decode_attention_kernel(KERNEL_ARGS) 
         for (int u = 0; u < U; ++u) {  // all loads first: U x 2 x 16 bytes in flight per lane
             const int key = n0 + 4 * u + t.kpart;
             const bool ok = key < t.hi;
-            const bool r = key < t.prompt_end;
+            const bool in_prompt = key < t.prompt_end;
             const int64_t off = static_cast<int64_t>(key) * D + t.dpart * 16;
-            kraw[u] = ok ? __ldg(reinterpret_cast<const uint4*>(p.kp(r) + off)) : make_uint4(0, 0, 0, 0);
-            vraw[u] = ok ? __ldg(reinterpret_cast<const uint4*>(p.vp(r) + off)) : make_uint4(0, 0, 0, 0);
-            ksc[u] = ok ? __ldg(p.ksp(r) + key) : 0.f;
-            vsc[u] = ok ? __ldg(p.vsp(r) + key) : 0.f;
+            kraw[u] = ok ? __ldg(reinterpret_cast<const uint4*>(p.kp(in_prompt) + off)) : make_uint4(0, 0, 0, 0);
+            vraw[u] = ok ? __ldg(reinterpret_cast<const uint4*>(p.vp(in_prompt) + off)) : make_uint4(0, 0, 0, 0);
+            ksc[u] = ok ? __ldg(p.ksp(in_prompt) + key) : 0.f;
+            vsc[u] = ok ? __ldg(p.vsp(in_prompt) + key) : 0.f;
         }
         attend_tile<U>(qv, kraw, vraw, ksc, vsc, t.hi - n0, t.kpart, m, l, acc);
     }
@@ -257,18 +257,18 @@ __global__ void __launch_bounds__(256) fp8_decode_attention_pipelined_kernel(KER
             const int c = lane + 32 * j;
             const int key = n0 + (c >> 3);
             const bool ok = key < t.hi;
-            const bool r = key < t.prompt_end;
+            const bool in_prompt = key < t.prompt_end;
             const int64_t off = static_cast<int64_t>(ok ? key : t.lo) * D + (c & 7) * 16;
-            cp_async16(&dst.k[c], p.kp(r) + off, ok);
-            cp_async16(&dst.v[c], p.vp(r) + off, ok);
+            cp_async16(&dst.k[c], p.kp(in_prompt) + off, ok);
+            cp_async16(&dst.v[c], p.vp(in_prompt) + off, ok);
         }
 #pragma unroll
         for (int c = lane; c < 2 * KEYS; c += 32) {
             const int i = c % KEYS;
             const int key = n0 + i;
             const bool ok = key < t.hi;
-            const bool r = key < t.prompt_end;
-            const float* src = (c < KEYS ? p.ksp(r) : p.vsp(r)) + (ok ? key : t.lo);
+            const bool in_prompt = key < t.prompt_end;
+            const float* src = (c < KEYS ? p.ksp(in_prompt) : p.vsp(in_prompt)) + (ok ? key : t.lo);
             cp_async4(c < KEYS ? &dst.ks[i] : &dst.vs[i], src, ok);
         }
     };
