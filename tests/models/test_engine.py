@@ -162,6 +162,14 @@ def test_attention_variants_are_checked(tiny):
     # on CPU the CUDA kernel is not used: the engine says so and takes the Triton fallback's tile
     engine = JanusEngine(model, max_batch=1, max_prompt_len=4, num_image_tokens=16, kv_dtype="fp8")
     assert engine.attn_config == FALLBACK_ATTN_CONFIG
+    # a CUDA tile the .cu file does not instantiate is refused before anything is compiled
+    from safecb.models.engine import decode_attention
+
+    kq, ks = quantize_fp8(torch.randn(2, 1, 8, 128))
+    q = torch.randn(2, 1, 128, dtype=torch.bfloat16)
+    start, slot = torch.zeros(2, dtype=torch.int32), torch.tensor(7, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"\(block_n = keys per warp iteration, num_stages\) in"):
+        decode_attention(q, kq, kq, ks, ks, start, slot, 0.1, block_n=8, num_stages=3, variant="cuda")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
