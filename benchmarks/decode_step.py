@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation import BOS, PAD, PROMPT_LEN, build_model, free_memory, log  # noqa: E402
+from generation import BOS, PAD, PROMPT_LEN, agreement, build_model, free_memory, log  # noqa: E402
 
 from safecb.models.base import SamplingParams  # noqa: E402
 from safecb.models.engine import JanusEngine, decode_attention, quantize_fp8  # noqa: E402
@@ -334,9 +334,7 @@ def invariance(model, boi: int, vocab: int, device) -> dict:
         same = {"reversed": run(list(range(11, -1, -1))).flip(0), "first3": run([0, 1, 2]),
                 "last5": run([7, 8, 9, 10, 11]), "alone0": run([0])}
         ref = {"reversed": full, "first3": full[:3], "last5": full[7:], "alone0": full[:1]}
-        out["invariant" if inv else "shape_follows_call"] = {
-            k: {"rows_identical": float((v == ref[k]).all(1).float().mean()),
-                "token_agreement": float((v == ref[k]).float().mean())} for k, v in same.items()}
+        out["invariant" if inv else "shape_follows_call"] = {k: agreement(v, ref[k]) for k, v in same.items()}
         log(f"  batch_invariant={inv}: " + ", ".join(f"{k} {v['rows_identical']:.2f}" for k, v in
                                                       out["invariant" if inv else "shape_follows_call"].items()))
         del engine
