@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,10 +24,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation import BOS, PAD, PROMPT_LEN, agreement, build_model, free_memory, log  # noqa: E402
+from generation import (  # noqa: E402
+    BOS,
+    PAD,
+    PROMPT_LEN,
+    agreement,
+    build_model,
+    free_memory,
+    log,
+    sweep_attention,
+)
 
 from safecb.models.base import SamplingParams  # noqa: E402
-from safecb.models.engine import JanusEngine, decode_attention, quantize_fp8  # noqa: E402
+from safecb.models.engine import JanusEngine, decode_attention  # noqa: E402
 
 SAMPLE = SamplingParams(guidance=5.0, temperature=1.0)
 N_TOKENS = 576
@@ -40,50 +50,6 @@ def attention_configs(kv: str) -> list[tuple]:
         return [(64, 4, 3, "dot"), (128, 8, 3, "dot")]
     return [(128, 4, 1, "sum"), (64, 4, 3, "dot"), (16, 1, 1, "sum2p"), (32, 2, 1, "sum2p")] + [
         (keys, warps, stages, "cuda") for keys, stages in CUDA_TILES for warps in (2, 4, 8)]
-
-
-def sweep_attention(device, rows=512, heads=16, dim=128, prompt=PROMPT_LEN, n=N_TOKENS) -> dict:
-    """Keys of the result name the cache, the variant, the tile and the rows (= 2 x images)."""
-    import triton
-
-    max_len = prompt + n
-    ctx = prompt + n // 2
-    results: dict = {}
-    for kv in ("bf16", "fp8"):
-        k = torch.randn(rows, heads, max_len, dim, device=device, dtype=torch.bfloat16)
-        v = torch.randn(rows, heads, max_len, dim, device=device, dtype=torch.bfloat16)
-        q = torch.randn(rows, heads, dim, device=device, dtype=torch.bfloat16)
-        if kv == "fp8":
-            kc, ks = quantize_fp8(k)
-            vc, vs = quantize_fp8(v)
-            kd, vd = kc[:8, :, :ctx].float() * ks[:8, :, :ctx, None], vc[:8, :, :ctx].float() * vs[:8, :, :ctx, None]
-        else:
-            kc, vc, ks, vs = k, v, None, None
-            kd, vd = k[:8, :, :ctx].float(), v[:8, :, :ctx].float()
-        del k, v
-        ref = (torch.softmax((q[:8, :, None].float() @ kd.transpose(-1, -2)) * dim ** -0.5, -1) @ vd).reshape(8, -1)
-        start = torch.zeros(rows, device=device, dtype=torch.int32)
-        slot = torch.tensor(ctx - 1, device=device, dtype=torch.int32)
-        nbytes = rows * heads * ctx * dim * kc.element_size() * 2 + (rows * heads * ctx * 8 if kv == "fp8" else 0)
-        for config in attention_configs(kv):
-            block_n, warps, stages, variant = config
-            call = lambda: decode_attention(q, kc, vc, ks, vs, start, slot, dim ** -0.5, 1, block_n, warps,  # noqa: E731
-                                            stages, variant)
-            name = f"{kv} {variant} {block_n}x{warps}x{stages} rows {rows}"
-            try:
-                out = call().float()
-                err = ((out[:8] - ref).norm() / ref.norm()).item()
-                ms = triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
-            except Exception as e:  # noqa: BLE001 - a tile that does not compile is a result, not a stop
-                log(f"  {name:38s} failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
-                continue
-            tbs = nbytes / (ms / 1e3) / 1e12
-            results[name] = {"kv": kv, "config": list(config), "rows": rows, "us_per_layer": ms * 1e3, "tb_s": tbs,
-                             "step_ms_24_layers": 24 * ms, "rel_err": err, "finite": bool(out.isfinite().all())}
-            log(f"  {name:38s} {ms * 1e3:7.1f} us/layer {tbs:5.2f} TB/s  err {err:.1e}")
-        del kc, vc, ks, vs
-        free_memory(device)
-    return results
 
 
 def best_attention(results: dict, kv: str) -> tuple:
@@ -156,8 +122,6 @@ def timeline(engine: JanusEngine, batch: int, boi: int, vocab: int, device) -> d
     """Where a whole `generate` call's time goes: calls that stop after n tokens, n = 1 (prefill and
     the first sample), a quarter, half, three quarters and all of the image; the differences are the
     decode steps of each quarter (they grow with the context)."""
-    import time
-
     from generation import prompts
 
     ids, mask = prompts(batch, vocab, boi, device, seed=7)
@@ -263,8 +227,6 @@ def sustained(engine: JanusEngine, batch: int, boi: int, vocab: int, device, sec
         torch.cuda.synchronize()
         t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with PowerMonitor() as power:
-            import time
-
             start, reps = time.perf_counter(), 0
             t0.record()
             while time.perf_counter() - start < seconds:
@@ -368,7 +330,8 @@ def main(argv=None) -> int:
         res["attention"] = {}
         for rows in (int(r) for r in args.sweep_rows.split(",")):
             log(f"== decode attention, one layer, {rows} rows, mean context")
-            res["attention"].update(sweep_attention(device, rows=rows))
+            res["attention"].update(sweep_attention(device, {kv: attention_configs(kv) for kv in ("bf16", "fp8")},
+                                                      rows=rows))
         res["best"] = {kv: best_attention(res["attention"], kv) for kv in ("bf16", "fp8")}
         log(f"  best: {res['best']}")
         save()

@@ -6,7 +6,7 @@ For the world's eval prompts (unsafe + benign, 2 samples each) and every fp8 att
   * sampling (the loop's setting, guidance 3, T = 1): share of tokens and of whole images equal.
 The effect on the external judge and on fidelity is measured by `safecb world eval --kv-dtype fp8`.
 
-    python benchmarks/world_kv_agreement.py [--attn 128,4,1,sum --attn 64,4,3,mma8-vt]
+    python benchmarks/world_kv_agreement.py [--attn 16,1,1,sum2p --attn 128,4,1,sum]
 """
 
 from __future__ import annotations

@@ -53,8 +53,9 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KV_DTYPES = ("bf16", "fp8")
 # Decode attention: keys per tile, warps per program, pipeline stages, kernel variant; by cache type.
-# Measured on an H200 (benchmarks/results/decode-step-h200.json): bf16 Triton "dot" 4.3 TB/s; over the
-# fp8 cache the CUDA C++ kernel 3.7 TB/s (32 keys a warp iteration), Triton's best ("sum2p") 3.0.
+# Measured on an H200 (benchmarks/results/decode-step-h200.json, 512 / 1280 rows): bf16 Triton "dot" 4.3 /
+# 4.5 TB/s; over the fp8 cache the CUDA C++ kernel with a 3-tile cp.async ring of 32 keys, 2 warps a block,
+# 3.9 / 4.25, Triton's best ("sum2p") 3.0 / 3.2.
 DEFAULT_ATTN_CONFIG = {"bf16": (64, 4, 3, "dot"), "fp8": (32, 2, 3, "cuda")}
 FALLBACK_ATTN_CONFIG = (16, 1, 1, "sum2p")  # fp8 when the CUDA kernel cannot be built or used
 log = logging.getLogger(__name__)
@@ -768,12 +769,11 @@ class JanusEngine:
         """Run the (2B, T) prompt batch, fill cache slots [0, T). Returns last hidden (2B, H), last
         positions (2B,), first valid slot per row (2B,)."""
         rows, length = ids.shape
-        last_positions = mask.sum(-1) - 1  # positions count real tokens only
-        all_starts = length - mask.sum(-1)
+        real = mask.sum(-1)  # (2B,) real tokens
+        all_starts = length - real  # left padding
         run, row_map = self._distinct_uncond_rows(ids, mask)
-        ids, mask = ids.index_select(0, run), mask.index_select(0, run)
+        ids, mask, start = ids.index_select(0, run), mask.index_select(0, run), all_starts.index_select(0, run)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (R', T)
-        start = length - mask.sum(-1)  # (R',) left padding
         x = F.embedding(ids, self.embed)  # (R', T, H)
         cos = self.cos[positions][:, None]  # (R', 1, T, D)
         sin = self.sin[positions][:, None]
@@ -796,7 +796,7 @@ class JanusEngine:
         h = _rms_norm(x[:, -1], self.norm, self.eps).index_select(0, row_map)
         self._prompt_row[:rows].copy_(run.index_select(0, row_map))
         self._prompt_end.fill_(length if self.shared_prompt_reads else 0)
-        return h, last_positions, all_starts
+        return h, real - 1, all_starts
 
     def _layers_torch(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """One-token decode through all layers with torch ops (reference / CPU). x (R, H)."""

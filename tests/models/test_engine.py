@@ -344,6 +344,12 @@ def tiny_cuda(tiny):
     return copy.deepcopy(model).to("cuda"), tok, special
 
 
+@pytest.fixture(scope="module")
+def tiny_cuda_bf16(tiny_cuda):
+    model, tok, special = tiny_cuda
+    return copy.deepcopy(model).to(torch.bfloat16), tok, special
+
+
 @gpu
 @needs_cuda
 def test_gpu_fp32_engine_matches_hf_and_plain_loop(tiny_cuda):
@@ -378,9 +384,8 @@ def test_gpu_graph_replay_equals_eager(tiny_cuda):
 
 @gpu
 @needs_cuda
-def test_gpu_bf16_engine_close_to_plain_loop(tiny_cuda):
-    model, tok, special = tiny_cuda
-    model16 = copy.deepcopy(model).to(torch.bfloat16)
+def test_gpu_bf16_engine_close_to_plain_loop(tiny_cuda_bf16):
+    model16, tok, special = tiny_cuda_bf16
     ids, mask = _encode(tok, TEXTS, "cuda")
     seeds = torch.arange(5, device="cuda")
     engine = JanusEngine(model16, max_batch=5, max_prompt_len=12, num_image_tokens=16)
@@ -409,9 +414,8 @@ def test_gpu_seed_reproducible_across_batches_and_splits(tiny_cuda):
 
 @gpu
 @needs_cuda
-def test_gpu_batch_invariant_engine_gives_a_seed_the_same_tokens_in_any_batch(tiny_cuda):
-    model, tok, special = tiny_cuda
-    model16 = copy.deepcopy(model).to(torch.bfloat16)
+def test_gpu_batch_invariant_engine_gives_a_seed_the_same_tokens_in_any_batch(tiny_cuda_bf16):
+    model16, tok, special = tiny_cuda_bf16
     ids, mask = _encode(tok, TEXTS, "cuda")
     seeds = torch.arange(5, device="cuda") + 40
     for kv in ("bf16", "fp8"):
