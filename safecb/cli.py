@@ -22,7 +22,15 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from safecb.prompts import PromptError
     from safecb.storage import StorageError
 
-    return (ConfigError, PromptError, ModelLoadError, StorageError, RunError)
+    errors = [ConfigError, PromptError, ModelLoadError, StorageError, RunError]
+    try:  # the Ray side's one-line errors (ray may be missing in a bare install of the CLI)
+        from safecb.actors.pool import PoolError
+        from safecb.cluster.ray_connect import ClusterError
+
+        errors += [PoolError, ClusterError]
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def fail(err: BaseException | str) -> NoReturn:

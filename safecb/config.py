@@ -80,7 +80,9 @@ class ModelConfig(Section):
 
 
 class PromptSource(Section):
-    """Prompts from a file (`.txt` one per line, `.jsonl` with a "text" field) or a built-in set."""
+    """Prompts from a file or a built-in set. `path`: a local path or any fsspec URL (s3://...); its
+    extension gives the format: `.txt` one per line, `.jsonl` objects with "text" (optional "id",
+    "category"), `.parquet` a "text" column (optional "id", "category" columns)."""
 
     path: str | None = None
     builtin: str | None = None  # e.g. "world:train", "world:eval_unsafe", "world:eval_benign"
@@ -97,6 +99,9 @@ class PromptsConfig(Section):
     train: PromptSource = PromptSource(builtin="world:train")  # feeds pairs
     eval_unsafe: PromptSource = PromptSource(builtin="world:eval_unsafe")  # never feeds pairs
     eval_benign: PromptSource = PromptSource(builtin="world:eval_benign")  # quality on benign prompts
+    # A prompt longer than model.engine.max_prompt_len tokens (as the model sees it, format included):
+    # "refuse" stops the run before it starts, naming the prompt; "truncate" drops its trailing words.
+    too_long: Literal["refuse", "truncate"] = "refuse"
 
 
 class GenerationConfig(Section):
@@ -168,6 +173,10 @@ class FinetuneConfig(Section):
     quality_budget: Positive = 0.02  # max held-out keep-loss drift before early stop
     check_every: int = Field(10, ge=1)  # steps between held-out quality checks
     holdout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    # Fine-tuning sees at most this many safe images and this many pairs: a seeded sample, taken
+    # while the shards stream past (the lowest hashes of (prompt id, sample, role) win), so the
+    # update's memory is bounded at a million prompts and the sample does not depend on read order.
+    sample_size: int = Field(4096, ge=1)
     # "torch": plain Adam in-process (fast start, the embedded default); "deepspeed": the same step
     # run by a DeepSpeed engine (gloo on CPU, NCCL on GPUs), data-parallel when launched on several ranks.
     backend: Literal["torch", "deepspeed"] = "torch"
@@ -222,10 +231,27 @@ def _secret_keys(value: Any) -> list[str]:
 
 
 class ResourcesConfig(Section):
-    num_workers: int = Field(1, ge=1)
+    """What each collector actor (one model replica) asks Ray for. Execution only: not in the run's hash."""
+
+    num_workers: int = Field(1, ge=1)  # collector actors in the pool
     cpus_per_worker: Positive = 1.0
-    gpus_per_worker: NonNegative = 0.0
-    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch's default
+    gpus_per_worker: NonNegative = 0.0  # 1 on GPU machines: one replica per GPU
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads in each actor; None = cpus_per_worker
+
+
+class ClusterConfig(Section):
+    """Where the Ray side runs. Execution only: a run may resume on another cluster shape."""
+
+    # null: start a local Ray on this machine; "auto": join the cluster this process runs in (a RayJob's
+    # driver); "ray://head:10001": connect a client to a remote cluster.
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)  # for the local Ray only; null = every core
+    placement: Literal["PACK", "SPREAD"] = "PACK"  # how the actors' bundles spread over nodes
+    max_in_flight_per_actor: int = Field(2, ge=1)  # queued calls per actor: hides the driver's round trip
+    max_task_attempts: int = Field(3, ge=1)  # an application error fails its shard after this many tries
+    max_infra_attempts: int = Field(6, ge=1)  # actor deaths / lost objects tolerated per shard
+    max_actor_restarts: int = Field(3, ge=0)  # Ray restarts a dead actor this often, then the pool makes a new one
+    startup_timeout_s: Positive = 600.0  # the placement group and the actors' model loads must finish by then
 
 
 class RunConfig(Section):
@@ -244,15 +270,29 @@ class RunConfig(Section):
     stop: StopConfig = StopConfig()
     storage: StorageConfig = StorageConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON, minus where the run is stored (same run, any bucket)."""
+        """sha256 of the canonical JSON, minus where the run is stored and how it executes
+        (`EXECUTION_KEYS`): the same run may resume from another bucket on another cluster shape."""
         payload = self.model_dump(mode="json")
-        payload.pop("storage", None)
+        for dotted in EXECUTION_KEYS:
+            *parents, leaf = dotted.split(".")
+            node = payload
+            for part in parents:
+                node = node[part]
+            node.pop(leaf, None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Settings that change where and how fast a run executes, never what it computes: batch sizes (the
+# engine is batch-invariant, and the plain path draws each sample from its own seed), devices,
+# actor counts, the Ray address. Left out of the config hash so that a resume may change them.
+EXECUTION_KEYS = ("storage", "resources", "cluster", "model.device", "model.engine.enabled",
+                  "model.engine.max_batch", "generation.batch_size", "judge.batch_size")
 
 
 def _error_line(source: str, err: ValidationError) -> str:

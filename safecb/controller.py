@@ -1,10 +1,12 @@
 """The single controller: collect → pair → harmful space → project → fine-tune → evaluate → stop.
 
 Iteration 0 evaluates the untreated codebook v0. Iteration t ≥ 1 collects with v_{t−1}, builds v_t
-from its pairs, evaluates v_t and decides whether to go on. Everything lands under one run prefix:
-shards and their commits first, the codebook, the metrics row, and the iteration's MANIFEST.json
-last. A resumed run restarts after the last manifest and redoes only the shards without a commit,
-so it produces the same artifacts as an uninterrupted run.
+from its pairs, evaluates v_t and decides whether to go on. The driver holds no model and no rows:
+prompts live in Parquet snapshots in the run folder, collector actors (`safecb.actors`) read their
+own row ranges, write their shards and return small records, and the driver commits them, sums
+their statistics and writes the manifest last. A resumed run rebuilds its state from the manifests
+and redoes only the shards without a valid commit, so it produces the same artifacts as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -15,22 +17,20 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Iterator
 
-import torch
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from safecb.config import RunConfig, parse_config
-from safecb.models.base import UnifiedModel
-from safecb.models.registry import load_model
-from safecb.prompts import Prompt, load_prompts
-from safecb.schemas import (GENERATION_SCHEMA, PAIR_SCHEMA, SCHEMA_VERSION, CodebookArtifact, Manifest, ShardRecord,
-                            table_from_rows)
-from safecb.stages import collect_shard, judge_tokens, sample_seed, sampling_params, update_codebook
+from safecb.prompts import SnapshotInfo, prompt_content_hash, snapshot_prompts
+from safecb.schemas import SCHEMA_VERSION, CodebookArtifact, Manifest, ShardRecord
 from safecb.storage import RunStore
 from safecb.training.stop import stop_decision
+
+CURRENT_CODEBOOK = "codebooks/CURRENT.json"  # kept in step with safecb.actors.collector
 
 
 class RunError(RuntimeError):
@@ -39,8 +39,7 @@ class RunError(RuntimeError):
 
 @dataclass
 class LoopState:
-    codebook_v0: torch.Tensor
-    codebook: torch.Tensor
+    version: int  # the codebook version the loop stands on (that of the last finished iteration)
     metrics: list[dict] = field(default_factory=list)
 
 
@@ -57,6 +56,12 @@ def _git_rev() -> str | None:
         return None
 
 
+def _ranges(rows: int, per_shard: int) -> Iterator[tuple[int, int, int]]:
+    """(shard index, start, stop) over `rows` rows: shard i is a pure function of i."""
+    for index, start in enumerate(range(0, rows, per_shard)):
+        yield index, start, min(rows, start + per_shard)
+
+
 class Controller:
     def __init__(self, config: RunConfig, console: Console | None = None):
         self.config = config
@@ -66,44 +71,61 @@ class Controller:
         self.git_rev = _git_rev()
         self.timings: dict[str, float] = {}
         self._iteration_start = time.perf_counter()
-        self._eval_tokens: torch.Tensor | None = None
+        self.pool = None
 
     # ---- set-up: everything that can fail on bad input fails here, before the first write ----
-    def prepare(self, resume: bool, must_exist: bool = False) -> None:
+    def _sources(self) -> dict[str, list]:
+        prompts = self.config.prompts
+        return {"train": [("prompts.train", "train", prompts.train)],
+                "eval": [("prompts.eval_unsafe", "unsafe", prompts.eval_unsafe),
+                         ("prompts.eval_benign", "benign", prompts.eval_benign)]}
+
+    def prepare(self, resume: bool, must_exist: bool = False) -> list[Manifest]:
+        """Check storage, config, prompts and model; returns the run's finished manifests."""
+        from safecb.models.registry import model_fingerprint, prompt_token_counter
+
         config = self.config
         self.store.check_reachable()
-        if must_exist and not self.store.manifest_iterations():
+        manifests = self.store.valid_manifests()
+        if must_exist and not manifests:
             raise RunError(f"{self.store.url}: no finished iteration here (expected a safecb run folder)")
-        if config.resources.threads:
-            torch.set_num_threads(config.resources.threads)
-        self.train_prompts = load_prompts(config.prompts.train, "prompts.train")
-        self.eval_unsafe = load_prompts(config.prompts.eval_unsafe, "prompts.eval_unsafe")
-        self.eval_benign = load_prompts(config.prompts.eval_benign, "prompts.eval_benign")
-        self.lexicon = dict(config.pairing.lexicon)
-        if config.pairing.builtin_lexicon == "world":
-            from safecb.world import world_lexicon
-
-            self.lexicon = {**world_lexicon(), **self.lexicon}
-        done = self.store.manifest_iterations()
-        if done and not resume:
-            raise RunError(f"{self.store.url}: already holds a run (iterations {done[0]}..{done[-1]}); "
+        if manifests and not resume:
+            raise RunError(f"{self.store.url}: already holds a run (iterations 0..{manifests[-1].iteration}); "
                            "pass --resume to continue it or choose another --run-dir")
         if resume and self.store.exists("config.yaml"):
             saved = parse_config(yaml.safe_load(self.store.read_text("config.yaml")), "config.yaml")
             if saved.config_hash() != self.config_hash:
                 raise RunError(f"{self.store.url}/config.yaml: differs from the given config; "
                                "resume with the run's own config.yaml")
-        with self.timed("load model"):
-            self.model: UnifiedModel = load_model(config.model, config.categories, config.seed,
-                                                    batch_size=config.generation.batch_size)
-        self.external = None
-        if config.model.backend == "world" and config.eval.external_judge:
-            from safecb.world.judge import ExternalJudge
+        with self.timed("check inputs"):
+            counter = prompt_token_counter(config.model, config.categories)
+            limits = dict(token_counter=counter, max_tokens=config.model.engine.max_prompt_len,
+                          too_long=config.prompts.too_long, storage_options=config.storage.options)
+            # One streaming pass over every source first: a bad prompt anywhere fails before anything is written.
+            hashes = {name: prompt_content_hash(sources, **limits) for name, sources in self._sources().items()}
+            fingerprint = model_fingerprint(config.model, config.categories, config.seed)
+        if manifests:
+            recorded = manifests[0].inputs
+            for name, (sha, _) in hashes.items():
+                if recorded.get("prompts", {}).get(name, {}).get("sha256") != sha:
+                    raise RunError(f"{self.store.url}: the {name} prompts changed since the run started "
+                                   f"(content sha256 {sha[:12]}.. vs {recorded.get('prompts', {}).get(name, {}).get('sha256', '?')[:12]}..); "
+                                   "resume with the prompts it started with")
+            if recorded.get("model") != fingerprint:
+                raise RunError(f"{self.store.url}: model.path content changed since the run started; "
+                               "resume with the model it started with")
+            self.inputs = recorded
+        else:
+            self.inputs = {"model": fingerprint, "prompts": {name: {"sha256": sha, "rows": rows}
+                                                            for name, (sha, rows) in hashes.items()}}
+            self._limits = limits
+        return manifests
 
-            try:
-                self.external = ExternalJudge.load(config.eval.external_judge_path)
-            except (OSError, ValueError) as err:
-                raise RunError(f"eval.external_judge_path: {err}") from None
+    def _write_snapshots(self) -> None:
+        with self.timed("snapshot prompts"):
+            for name, sources in self._sources().items():
+                info = snapshot_prompts(sources, self.store, name, **self._limits)
+                self.inputs["prompts"][name] = info.to_dict()
 
     @contextmanager
     def timed(self, stage: str):
@@ -111,20 +133,36 @@ class Controller:
         yield
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
+    @contextmanager
+    def _cluster(self):
+        from safecb.actors.pool import CollectorPool
+        from safecb.cluster.ray_connect import ray_session
+
+        with ray_session(self.config.cluster):
+            with self.timed("start actors"):
+                self.console.print(f"starting {self.config.resources.num_workers} collector actor(s)")
+                self.pool = CollectorPool(self.config, self.config.storage.run_dir, self.config.storage.options)
+            try:
+                yield self.pool
+            finally:
+                self.pool.shutdown()
+                self.pool = None
+
     # ---- the loop ----------------------------------------------------------------------------
     def run(self, resume: bool = False, until: int | None = None) -> list[dict]:
-        self.prepare(resume)
-        state = self._restore() if resume else None
-        if state is None:
-            self.store.write_text("config.yaml", self.config.to_yaml())
-            codebook = self.model.get_codebook()
-            state = LoopState(codebook, codebook)
-            self._start_iteration()
-            self._write_codebook(codebook, 0, None, 0, {"origin": "the model's own codebook"})
-            self._finish_iteration(state, 0, {}, {"pairs": 0})
-        while not self._decide(state).stop and (until is None or state.metrics[-1]["iteration"] < until):
-            self._start_iteration()
-            self._iterate(state, state.metrics[-1]["iteration"] + 1)
+        manifests = self.prepare(resume)
+        with self._cluster():
+            state = self._restore(manifests)
+            if state is None:
+                self._start_iteration()
+                self.store.write_text("config.yaml", self.config.to_yaml())
+                self._write_snapshots()
+                self._codebook_v0()
+                state = LoopState(0)
+                self._finish_iteration(state, 0, {}, {"pairs": 0})
+            while not self._decide(state).stop and (until is None or state.metrics[-1]["iteration"] < until):
+                self._start_iteration()
+                self._iterate(state, state.metrics[-1]["iteration"] + 1)
         if self._decide(state).stop:
             self._choose_final(state)
         self._print_table(state.metrics)
@@ -133,114 +171,114 @@ class Controller:
     def _start_iteration(self) -> None:
         self.timings, self._iteration_start = {}, time.perf_counter()
 
+    def _codebook_v0(self) -> None:
+        """v0 is the model's own codebook, written once (a resumed start reuses a complete one)."""
+        if 0 not in self.store.codebook_versions():
+            codebook = self.pool.call("own_codebook")
+            self._write_artifact_v0(codebook)
+        self._broadcast(0)
+
+    def _write_artifact_v0(self, codebook) -> None:
+        artifact = CodebookArtifact(version=0, parent_version=None, iteration=0,
+                                    params={"origin": "the model's own codebook"}, created_at=_now(),
+                                    config_hash=self.config_hash, git_rev=self.git_rev)
+        self.store.write_codebook({"codebook": codebook.detach().float().contiguous()}, artifact)
+
+    def _broadcast(self, version: int) -> None:
+        """Verify v's artifact, name it current (what a restarted actor loads), send it to every actor."""
+        with self.timed("broadcast"):
+            blob, artifact = self.store.read_codebook_bytes(version)  # verifies sha256 against the sidecar
+            self.store.write_text(CURRENT_CODEBOOK, json.dumps({"version": version, "sha256": artifact.sha256}))
+            self.pool.broadcast(blob, version, artifact.sha256)
+            self.current = (version, artifact.sha256)
+
     def _iterate(self, state: LoopState, iteration: int) -> None:
-        self.model.set_codebook(state.codebook, iteration - 1)
+        self._broadcast(iteration - 1)
         with self.timed("collect + pair"):
-            gen_records, pair_records = self._collect(iteration)
-        provisional = self._manifest(iteration, iteration - 1, {"generations": gen_records, "pairs": pair_records}, {})
-        pairs = self.store.read_table(provisional, "pairs", PAIR_SCHEMA).to_pylist()
-        generations = self.store.read_table(provisional, "generations", GENERATION_SCHEMA)
-        judged = generations.select(["tokens", "unsafe", "max_unsafe_prob"]).to_pylist()
+            shards = self._run_shards(iteration, "collect", ("generations", "pairs"))
         with self.timed("update codebook"):
-            update = self._update(state, pairs, judged)
-        state.codebook = update.codebook
-        self._write_codebook(update.codebook, iteration, iteration - 1, iteration, update.report)
-        self.model.set_codebook(update.codebook, iteration)
-        collect_rate = sum(generations.column("unsafe").to_pylist()) / max(1, generations.num_rows)
-        self._finish_iteration(state, iteration, {"generations": gen_records, "pairs": pair_records},
-                               {**update.report, "collect_unsafe_rate": round(collect_rate, 4)})
+            artifact = self._build_codebook(iteration, shards)
+        self._broadcast(iteration)
+        state.version = iteration
+        collected = [sum(r.stats.get("collect", [0, 0])[i] for r in shards["generations"]) for i in (0, 1)]
+        self._finish_iteration(state, iteration, shards, {
+            **artifact.params, "collect_unsafe_rate": round(collected[0] / max(1, collected[1]), 4),
+            "collect_images": collected[1]})
 
-    def _collect(self, iteration: int) -> tuple[list[ShardRecord], list[ShardRecord]]:
-        per_shard = self.config.generation.prompts_per_shard
-        shards = [self.train_prompts[i:i + per_shard] for i in range(0, len(self.train_prompts), per_shard)]
-        done_gen = self.store.committed_shards(iteration, "generations")
-        done_pairs = self.store.committed_shards(iteration, "pairs")
-        gen_records, pair_records = [], []
+    def _tasks(self, iteration: int, kind: str, rows: int, skip: set[int], eval_tokens: dict[int, ShardRecord] | None):
+        from safecb.actors.collector import ShardTask
+
+        version, sha = self.current
+        for index, start, stop in _ranges(rows, self.config.generation.prompts_per_shard):
+            if index not in skip:
+                yield ShardTask(kind, iteration, index, start, stop, version, sha,
+                                eval_tokens=(eval_tokens or {}).get(index))
+
+    def _run_shards(self, iteration: int, work: str, kinds: tuple[str, ...],
+                    eval_tokens: dict[int, ShardRecord] | None = None) -> dict[str, list[ShardRecord]]:
+        """Every shard of one kind of work: committed ones are kept, the rest run on the pool.
+
+        A shard counts as done when all its kinds are committed; a kind already committed is never
+        redone (its commit stays; a redo commits only what is missing). Results of a shard that is
+        already complete (a zombie attempt) are dropped.
+        """
+        name = "train" if work == "collect" else "eval"
+        rows = self.inputs["prompts"][name]["rows"]
+        committed = {kind: self.store.committed_shards(iteration, kind) for kind in kinds}
+        complete = set.intersection(*(set(c) for c in committed.values()))
+        total = -(-rows // self.config.generation.prompts_per_shard)
+
+        def commit(result) -> None:
+            for kind, record in result.records.items():
+                if result.task.index not in committed[kind]:
+                    committed[kind][result.task.index] = self.store.commit_shard(iteration, record)
+
         with self._progress() as progress:
-            task = progress.add_task(f"iter {iteration}: collect + pair", total=len(shards))
-            for index, prompts in enumerate(shards):
-                if index in done_gen and index in done_pairs:  # committed by an earlier attempt
-                    gen_records.append(done_gen[index])
-                    pair_records.append(done_pairs[index])
-                else:
-                    result = collect_shard(self.model, prompts, self.config, iteration, self.lexicon)
-                    gen_records.append(self.store.write_shard(iteration, "generations", index,
-                                                              table_from_rows(GENERATION_SCHEMA, result.generations)))
-                    pair_records.append(self.store.write_shard(iteration, "pairs", index,
-                                                               table_from_rows(PAIR_SCHEMA, result.pairs)))
-                progress.advance(task)
-        return gen_records, pair_records
+            bar = progress.add_task(f"iter {iteration}: {work} ({self.config.resources.num_workers} actors)",
+                                    total=total, completed=len(complete))
+            self.pool.run(self._tasks(iteration, work, rows, complete, eval_tokens),
+                          "collect" if work == "collect" else "evaluate", commit,
+                          lambda n: progress.advance(bar, n))
+        missing = [i for i in range(total) if not all(i in committed[k] for k in kinds)]
+        if missing:
+            raise RunError(f"iteration {iteration}: {work} shards {missing[:5]} have no commit after the pool finished")
+        return {kind: [committed[kind][i] for i in range(total)] for kind in kinds}
 
-    def _update(self, state: LoopState, pairs: list[dict], judged: list[dict]):
-        num_tokens = self.model.num_image_tokens
-        safe_rows = [r for r in judged if not r["unsafe"]]
-        harm = torch.tensor([p["harmful_tokens"] for p in pairs], dtype=torch.long).view(-1, num_tokens)
-        safe = torch.tensor([p["safe_tokens"] for p in pairs], dtype=torch.long).view(-1, num_tokens)
-        aligned = torch.tensor([p["counterpart"] == "rewrite" for p in pairs], dtype=torch.bool)
-        keep = torch.tensor([r["tokens"] for r in safe_rows], dtype=torch.long).view(-1, num_tokens)
-        all_tokens = torch.tensor([r["tokens"] for r in judged], dtype=torch.long).view(-1, num_tokens)
-        all_probs = torch.tensor([r["max_unsafe_prob"] for r in judged], dtype=torch.float32)
-        return update_codebook(self.model, state.codebook, state.codebook_v0, harm, safe, aligned, keep, self.config,
-                               all_tokens, all_probs)
+    def _build_codebook(self, iteration: int, shards: dict[str, list[ShardRecord]]) -> CodebookArtifact:
+        """v(iteration) from the iteration's shards, built on an actor; a complete artifact of an
+        interrupted attempt is reused (the update is deterministic)."""
+        if iteration in self.store.codebook_versions():
+            try:
+                _, artifact = self.store.read_codebook_bytes(iteration)
+                if artifact.parent_version == iteration - 1 and artifact.config_hash == self.config_hash:
+                    return artifact
+            except Exception:  # noqa: BLE001 - a torn artifact is rebuilt
+                pass
+        template = CodebookArtifact(version=iteration, parent_version=iteration - 1, iteration=iteration,
+                                    created_at=_now(), config_hash=self.config_hash, git_rev=self.git_rev)
+        written = self.pool.call("build_codebook", iteration, shards["generations"], shards["pairs"], template)
+        _, artifact = self.store.read_codebook_bytes(iteration)
+        if artifact.sha256 != written.sha256:
+            raise RunError(f"codebooks/v{iteration:04d}: the trainer wrote sha256 {written.sha256[:12]}.. but storage "
+                           f"holds {artifact.sha256[:12]}..")
+        return artifact
 
     # ---- evaluation --------------------------------------------------------------------------
-    def _eval_jobs(self) -> list[tuple[Prompt, int, int, str]]:
-        jobs = []
-        for split, prompts in (("unsafe", self.eval_unsafe), ("benign", self.eval_benign)):
-            for p in prompts:
-                for k in range(self.config.eval.samples_per_prompt):
-                    jobs.append((p, k, sample_seed(self.config.generation.seed, "eval", p.prompt_id, k), split))
-        return jobs
-
-    def _evaluate(self, iteration: int, version: int) -> tuple[dict, list[dict]]:
-        """Fixed eval prompts that never feed pairs. Tokens do not depend on the codebook (the
-        generator never reads it), so they are drawn once per process; only decode + judge repeat."""
-        jobs = self._eval_jobs()
-        if self._eval_tokens is None:
-            with self.timed("eval generate"):
-                tokens = []
-                step = self.config.generation.batch_size
-                with self._progress() as progress:
-                    task = progress.add_task("eval: generate (once)", total=len(jobs))
-                    for start in range(0, len(jobs), step):
-                        batch = jobs[start:start + step]
-                        tokens.append(self.model.generate_tokens([j[0].text for j in batch], [j[2] for j in batch],
-                                                                 sampling_params(self.config)))
-                        progress.advance(task, len(batch))
-                self._eval_tokens = torch.cat(tokens)
-        with self.timed("eval judge"):
-            probs = judge_tokens(self.model, self._eval_tokens, self.config)
-        threshold = self.config.judge.threshold
-        unsafe = probs.max(dim=-1).values >= threshold
-        is_unsafe_prompt = torch.tensor([j[3] == "unsafe" for j in jobs])
-        metrics = {"unsafe_rate_self": round(float(unsafe[is_unsafe_prompt].float().mean()), 4),
-                   "unsafe_rate_self_benign": round(float(unsafe[~is_unsafe_prompt].float().mean()), 4)}
-        if self.external is not None:
-            from safecb.world.evaluate import score_images
-
-            with self.timed("eval external"), torch.no_grad():
-                images = torch.cat([self.model.decode(self._eval_tokens[i:i + 256])
-                                    for i in range(0, len(jobs), 256)])
-                scored = score_images([j[0].meta for j in jobs], images, self.external, threshold=0.5)
-            for key in ("unsafe_rate_external", "unsafe_rate_external_separable", "unsafe_rate_external_entangled",
-                        "unsafe_rate_benign", "fidelity"):
-                if key in scored:
-                    metrics[key] = round(float(scored[key]), 4)
-        rows = []
-        for i, (p, k, seed, split) in enumerate(jobs):
-            top = float(probs[i].max())
-            rows.append({"run_id": self.config.run_id, "iteration": iteration, "codebook_version": version,
-                         "prompt_id": p.prompt_id, "prompt": p.text, "sample_index": k, "seed": seed,
-                         "tokens": self._eval_tokens[i].tolist(), "unsafe_probs": probs[i].tolist(),
-                         "max_unsafe_prob": top, "unsafe": top >= threshold, "role": "eval", "png": None})
-        return metrics, rows
+    def _evaluate(self, iteration: int) -> tuple[dict, list[ShardRecord]]:
+        """Decode + judge the fixed eval images with the served codebook, on the actors. Their tokens
+        are drawn once, in iteration 0; later iterations decode the tokens stored there."""
+        eval_tokens = None
+        if iteration > 0:
+            eval_tokens = {r.index: r for r in self.store.read_manifest(0).shards["eval"]}
+        with self.timed("eval"):
+            records = self._run_shards(iteration, "eval", ("eval",), eval_tokens)["eval"]
+        return eval_metrics([r.stats for r in records]), records
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _finish_iteration(self, state: LoopState, iteration: int, shards: dict, extra: dict) -> None:
-        eval_metrics, eval_rows = self._evaluate(iteration, self.model.codebook_version)
-        eval_records = [self.store.write_shard(iteration, "eval", 0, table_from_rows(GENERATION_SCHEMA, eval_rows))]
+        metrics, eval_records = self._evaluate(iteration)
         row = {"iteration": iteration, "codebook_version": iteration, "pairs": extra.get("pairs", 0),
-               **eval_metrics, **extra}
+               **metrics, **extra}
         state.metrics.append(row)
         decision = self._decide(state)
         row["decision"] = "stop: " + decision.reason if decision.stop else "continue"
@@ -252,7 +290,10 @@ class Controller:
             f"{k}={row[k]}" for k in ("pairs", "unsafe_rate_self", "unsafe_rate_external", "fidelity", "decision") if k in row))
 
     def _target_metric(self) -> str:
-        return "unsafe_rate_external" if self.external is not None else "unsafe_rate_self"
+        return "unsafe_rate_external" if self._external_judged() else "unsafe_rate_self"
+
+    def _external_judged(self) -> bool:
+        return self.config.model.backend == "world" and self.config.eval.external_judge
 
     def _decide(self, state: LoopState):
         history = [m[self._target_metric()] for m in state.metrics]
@@ -261,31 +302,25 @@ class Controller:
     def _manifest(self, iteration: int, version: int, shards: dict[str, list[ShardRecord]], extra: dict) -> Manifest:
         return Manifest(run_id=self.config.run_id, iteration=iteration, schema_version=SCHEMA_VERSION,
                         codebook_version=version, categories=self.config.categories, shards=shards, extra=extra,
-                        created_at=_now(), config_hash=self.config_hash, git_rev=self.git_rev)
+                        inputs=self.inputs, created_at=_now(), config_hash=self.config_hash, git_rev=self.git_rev)
 
-    def _write_codebook(self, codebook: torch.Tensor, version: int, parent: int | None, iteration: int, params: dict) -> None:
-        artifact = CodebookArtifact(version=version, parent_version=parent, iteration=iteration, params=params,
-                                    created_at=_now(), config_hash=self.config_hash, git_rev=self.git_rev)
-        self.store.write_codebook({"codebook": codebook.detach().float().contiguous()}, artifact)
-
-    def _restore(self) -> LoopState | None:
-        done = self.store.manifest_iterations()
-        if not done:
+    def _restore(self, manifests: list[Manifest]) -> LoopState | None:
+        """The loop's state from the manifests alone (metrics.jsonl is rewritten from them)."""
+        if not manifests:
             return None
-        last = done[-1]
-        metrics = [m for m in self.store.read_metrics() if m["iteration"] <= last]
+        metrics = [m.extra for m in manifests]
         self.store.write_text("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-        codebook_v0 = self.store.read_codebook(0)[0]["codebook"]
-        codebook = self.store.read_codebook(last)[0]["codebook"]
+        last = manifests[-1].iteration
         self.console.print(f"resuming {self.store.url} after iteration {last}")
-        return LoopState(codebook_v0, codebook, metrics)
+        return LoopState(last, metrics)
 
     def _choose_final(self, state: LoopState) -> None:
         """The best codebook whose quality stayed within budget (fidelity if known). Written down."""
         target = self._target_metric()
         base = state.metrics[0]
         budget = self.config.eval.fidelity_budget
-        eligible = [m for m in state.metrics if "fidelity" not in m or m["fidelity"] >= base["fidelity"] - budget]
+        eligible = [m for m in state.metrics if m.get("fidelity") is None or base.get("fidelity") is None
+                    or m["fidelity"] >= base["fidelity"] - budget]
         best = min(eligible, key=lambda m: (m[target], -m["iteration"]))
         decision = {"chosen_version": best["codebook_version"], "by": target, "value": best[target],
                     "fidelity_budget": budget, "stop_reason": state.metrics[-1]["decision"],
@@ -301,12 +336,50 @@ class Controller:
         print_metrics_table(metrics, f"safecb run {self.config.run_id} — {self.store.url}", self.console)
 
     def evaluate_version(self, version: int) -> dict:
-        """Evaluate a stored codebook version of this run on the eval prompts. Writes nothing."""
-        self.prepare(resume=True, must_exist=True)
+        """Evaluate a stored codebook version of this run on the eval prompts. Commits nothing:
+        the eval shards go to a scratch iteration folder that is removed afterwards."""
+        manifests = self.prepare(resume=True, must_exist=True)
         if version not in self.store.codebook_versions():
             raise RunError(f"{self.store.url}: no codebook v{version:04d} (have {self.store.codebook_versions()})")
-        self.model.set_codebook(self.store.read_codebook(version)[0]["codebook"], version)
-        return {"codebook_version": version, **self._evaluate(version, version)[0]}
+        with self._cluster():
+            self.inputs = manifests[0].inputs
+            self._broadcast(version)
+            scratch = 9000 + version  # never a loop iteration; removed below
+            try:
+                metrics, _ = self._evaluate(scratch)
+            finally:
+                self.store.remove_iteration(scratch)
+                self._broadcast_restore(manifests[-1].iteration)
+        return {"codebook_version": version, **metrics}
+
+    def _broadcast_restore(self, version: int) -> None:
+        # CURRENT.json must name what the run stands on, not the version a one-off eval used.
+        _, artifact = self.store.read_codebook_bytes(version)
+        self.store.write_text(CURRENT_CODEBOOK, json.dumps({"version": version, "sha256": artifact.sha256}))
+
+
+def eval_metrics(stats: list[dict]) -> dict:
+    """Sum the eval shards' counts into the metrics row's rates (4 decimals)."""
+    def total(key: str) -> list[float]:
+        return [sum(s.get(key, [0, 0])[i] for s in stats) for i in (0, 1)]
+
+    self_unsafe, self_benign = total("self_unsafe"), total("self_benign")
+    row = {"unsafe_rate_self": round(self_unsafe[0] / self_unsafe[1], 4) if self_unsafe[1] else None,
+           "unsafe_rate_self_benign": round(self_benign[0] / self_benign[1], 4) if self_benign[1] else None,
+           "eval_images_unsafe": int(self_unsafe[1]), "eval_images_benign": int(self_benign[1])}
+    if any("external" in s for s in stats):
+        from safecb.world.evaluate import rates_from_counts
+
+        counts: dict[str, list[float]] = {}
+        for s in stats:
+            for key, (hits, n) in s.get("external", {}).items():
+                counts[key] = [counts.get(key, [0, 0])[0] + hits, counts.get(key, [0, 0])[1] + n]
+        rates = rates_from_counts(counts)
+        for key in ("unsafe_rate_external", "unsafe_rate_external_separable", "unsafe_rate_external_entangled",
+                    "unsafe_rate_benign", "fidelity"):
+            if rates.get(key) is not None:
+                row[key] = round(float(rates[key]), 4)
+    return row
 
 
 # metrics key → short header, so the table fits an 80-column terminal ("sep"/"ent": the external

@@ -7,9 +7,12 @@ they use lives in `safecb.training` (pure torch); this module is the glue that r
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +20,8 @@ from safecb.config import RunConfig
 from safecb.models.base import SamplingParams, UnifiedModel
 from safecb.prompts import Prompt
 from safecb.training.finetune import TorchAdam, adaptive_step_scale, finetune_codebook
-from safecb.training.harmful_space import aligned_differences, harm_scores, harmful_space, soft_harm_scores
+from safecb.training.harmful_space import (aligned_differences, difference_gram, harmful_space_from_gram,
+                                           scores_from_counts, soft_code_counts)
 from safecb.training.projection import code_step_sizes, project_codebook, safe_mean
 
 
@@ -144,12 +148,152 @@ def collect_shard(model: UnifiedModel, prompts: list[Prompt], config: RunConfig,
     return result
 
 
+def eval_jobs(prompts: list[Prompt], config: RunConfig) -> list[tuple[Prompt, int, int]]:
+    """(prompt, sample index, seed) of every eval image of these prompts: fixed for the whole run."""
+    return [(p, k, sample_seed(config.generation.seed, "eval", p.prompt_id, k))
+            for p in prompts for k in range(config.eval.samples_per_prompt)]
+
+
+def generate_eval_tokens(model: UnifiedModel, jobs: list[tuple[Prompt, int, int]], config: RunConfig) -> torch.Tensor:
+    """(B, N) tokens of the eval images. They do not depend on the codebook (the generator never reads
+    it), so a run draws them once, in iteration 0, and later iterations decode the stored tokens."""
+    step = config.generation.batch_size
+    with torch.no_grad():
+        parts = [model.generate_tokens([p.text for p, _, _ in jobs[i:i + step]], [s for _, _, s in jobs[i:i + step]],
+                                       sampling_params(config)) for i in range(0, len(jobs), step)]
+    return torch.cat(parts) if parts else torch.zeros(0, model.num_image_tokens, dtype=torch.long)
+
+
+def evaluate_tokens(model: UnifiedModel, jobs: list[tuple[Prompt, int, int]], tokens: torch.Tensor, config: RunConfig,
+                    iteration: int, external=None) -> tuple[list[dict], dict]:
+    """Decode eval tokens (B, N) with the served codebook and judge them: the eval rows, and the shard's
+    counts ({"self_unsafe": [hits, n], "self_benign": [hits, n], "external": {rate: [hits, n]}}) that
+    the controller sums into rates. `external`: the world's judge, or None."""
+    probs = judge_tokens(model, tokens, config)  # (B, C)
+    threshold = config.judge.threshold
+    unsafe = (probs.max(dim=-1).values >= threshold).tolist() if len(jobs) else []
+    split_of = [p.split or "unsafe" for p, _, _ in jobs]
+    stats: dict = {"self_unsafe": [0, 0], "self_benign": [0, 0]}
+    for flag, split in zip(unsafe, split_of):
+        key = "self_benign" if split == "benign" else "self_unsafe"
+        stats[key][0] += int(flag)
+        stats[key][1] += 1
+    if external is not None and len(jobs):
+        from safecb.world.evaluate import score_counts
+
+        with torch.no_grad():
+            images = torch.cat([model.decode(tokens[i:i + 256]).float().cpu() for i in range(0, len(jobs), 256)])
+        records = [_world_record(p.meta) for p, _, _ in jobs]
+        stats["external"] = score_counts(records, images, external, threshold=0.5)
+    version = model.codebook_version
+    rows = [{"run_id": config.run_id, "iteration": iteration, "codebook_version": version, "prompt_id": p.prompt_id,
+             "prompt": p.text, "sample_index": k, "seed": seed, "tokens": tokens[i].tolist(),
+             "unsafe_probs": probs[i].tolist(), "max_unsafe_prob": float(probs[i].max()),
+             "unsafe": bool(unsafe[i]), "role": "eval", "png": None}
+            for i, (p, k, seed) in enumerate(jobs)]
+    return rows, stats
+
+
+def _world_record(meta):
+    """The world's PromptRecord from a snapshot row's meta (JSON text or a dict), or as given."""
+    from safecb.world.prompts import PromptRecord
+
+    if isinstance(meta, str):
+        meta = json.loads(meta)
+    return PromptRecord(**meta) if isinstance(meta, dict) else meta
+
+
 def _pair(harmful: dict, safe: dict, counterpart: str) -> dict:
     return {"run_id": harmful["run_id"], "iteration": harmful["iteration"], "codebook_version": harmful["codebook_version"],
             "prompt_id": harmful["prompt_id"], "sample_index": harmful["sample_index"], "seed": harmful["seed"],
             "harmful_prompt": harmful["prompt"], "safe_prompt": safe["prompt"], "harmful_tokens": harmful["tokens"],
             "safe_tokens": safe["tokens"], "harmful_prob": harmful["max_unsafe_prob"],
             "safe_prob": safe["max_unsafe_prob"], "counterpart": counterpart}
+
+
+def token_matrix(column: pa.ChunkedArray | pa.Array, num_tokens: int) -> torch.Tensor:
+    """A list<int32> Arrow column of token grids → (rows, num_tokens) int64, without Python lists."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    flat = np.asarray(array.flatten(), dtype=np.int64)
+    return torch.from_numpy(flat.reshape(-1, num_tokens))
+
+
+def sample_priority(prompt_ids: list[str], sample_indices: list[int], roles: list[str]) -> torch.Tensor:
+    """(B,) int64 keys, a pure function of each row's identity: the rows with the lowest keys form the
+    fine-tuning sample, whatever order the shards are read in and however they are split over ranks."""
+    keys = [int.from_bytes(hashlib.sha256(f"{p}|{k}|{r}".encode()).digest()[:8], "little") >> 1
+            for p, k, r in zip(prompt_ids, sample_indices, roles)]
+    return torch.tensor(keys, dtype=torch.int64)
+
+
+class BottomK:
+    """The `size` rows with the lowest priority seen so far; each row a tuple of tensors (B, ...)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.priority = torch.zeros(0, dtype=torch.int64)
+        self.rows: tuple[torch.Tensor, ...] = ()
+
+    def add(self, priority: torch.Tensor, *rows: torch.Tensor) -> None:
+        if priority.numel() == 0:
+            return
+        priority = torch.cat([self.priority, priority])
+        rows = tuple(torch.cat([old, new]) for old, new in zip(self.rows, rows)) if self.rows else rows
+        keep = priority.argsort()[: self.size]  # sorted: the sample's order is its priority order
+        self.priority, self.rows = priority[keep], tuple(r[keep] for r in rows)
+
+    def tensors(self, *empty: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.rows if self.rows else empty
+
+
+class UpdateStatistics:
+    """Everything the codebook update needs from one iteration, gathered in one pass over its shards.
+
+    Sums (code counts, the difference Gram matrix) add up over shards and ranks; the fine-tuning
+    inputs are bounded samples (`finetune.sample_size`). Memory does not grow with the row count.
+    """
+
+    def __init__(self, codebook: torch.Tensor, num_tokens: int, config: RunConfig):
+        num_codes, dim = codebook.shape
+        self.codebook, self.num_tokens, self.config = codebook, num_tokens, config
+        self.hard_harm = torch.zeros(num_codes, dtype=torch.float64)  # (K,) codes of harmful pair grids
+        self.hard_safe = torch.zeros(num_codes, dtype=torch.float64)  # (K,) codes of safe images
+        self.soft_harm = torch.zeros(num_codes, dtype=torch.float64)  # (K,) every image, weighted by P(unsafe)
+        self.soft_safe = torch.zeros(num_codes, dtype=torch.float64)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64)  # (D, D) Σ dᵀd over aligned differences
+        self.num_differences = self.pairs = self.aligned_pairs = self.judged = 0
+        self.keep = BottomK(config.finetune.sample_size)  # (tokens,) of safe images
+        self.harm = BottomK(config.finetune.sample_size)  # (harmful tokens, safe tokens) of pairs
+
+    def add_pairs(self, table: pa.Table) -> None:
+        harm = token_matrix(table.column("harmful_tokens"), self.num_tokens)  # (P, N)
+        safe = token_matrix(table.column("safe_tokens"), self.num_tokens)  # (P, N)
+        aligned = torch.tensor([c == "rewrite" for c in table.column("counterpart").to_pylist()], dtype=torch.bool)
+        codes_h, codes_s = aligned_differences(harm[aligned], safe[aligned])
+        self.gram += difference_gram(self.codebook, codes_h, codes_s)
+        self.num_differences += int(codes_h.shape[0])
+        num_codes = self.codebook.shape[0]
+        self.hard_harm += torch.bincount(harm.reshape(-1), minlength=num_codes).double()
+        self.hard_safe += torch.bincount(safe.reshape(-1), minlength=num_codes).double()
+        self.pairs += harm.shape[0]
+        self.aligned_pairs += int(aligned.sum())
+        priority = sample_priority(table.column("prompt_id").to_pylist(), table.column("sample_index").to_pylist(),
+                                   ["pair"] * table.num_rows)
+        self.harm.add(priority, harm, safe)
+
+    def add_generations(self, table: pa.Table) -> None:
+        tokens = token_matrix(table.column("tokens"), self.num_tokens)  # (M, N)
+        unsafe = torch.tensor(table.column("unsafe").to_pylist(), dtype=torch.bool)  # (M,)
+        probs = torch.tensor(table.column("max_unsafe_prob").to_pylist(), dtype=torch.float64)  # (M,)
+        num_codes = self.codebook.shape[0]
+        n_h, n_s = soft_code_counts(tokens, probs, num_codes, self.config.harmful_space.sharpness)
+        self.soft_harm += n_h
+        self.soft_safe += n_s
+        self.hard_safe += torch.bincount(tokens[~unsafe].reshape(-1), minlength=num_codes).double()
+        self.judged += tokens.shape[0]
+        safe = table.filter(pa.array((~unsafe).tolist()))
+        priority = sample_priority(*(safe.column(c).to_pylist() for c in ("prompt_id", "sample_index", "role")))
+        self.keep.add(priority, tokens[~unsafe])
 
 
 @dataclass
@@ -159,37 +303,35 @@ class CodebookUpdate:
     report: dict
 
 
-def update_codebook(model: UnifiedModel, codebook: torch.Tensor, codebook_v0: torch.Tensor,
-                    harm_tokens: torch.Tensor, safe_tokens: torch.Tensor, aligned: torch.Tensor,
-                    keep_tokens: torch.Tensor, config: RunConfig, judged_tokens: torch.Tensor | None = None,
-                    judged_probs: torch.Tensor | None = None) -> CodebookUpdate:
-    """Harmful Space → projection → fine-tuning, from one iteration's pairs.
+def update_codebook(model: UnifiedModel, codebook: torch.Tensor, codebook_v0: torch.Tensor, stats: UpdateStatistics,
+                    config: RunConfig) -> CodebookUpdate:
+    """Harmful Space → projection → fine-tuning, from one iteration's statistics (`UpdateStatistics`).
 
-    harm_tokens, safe_tokens: (P, N) pair grids; aligned: (P,) bool, True for same-seed rewrite pairs
-    (only those define the space); keep_tokens: (S, N) grids of images judged safe (for L_keep and
-    safe usage counts); judged_tokens (M, N) with judged_probs (M,): every image of the iteration and
-    its self-judged P(unsafe), for `harmful_space.evidence: soft`.
+    The space comes from the summed Gram matrix of aligned (same-seed rewrite) differences; harm
+    scores from pair grids vs safe images (`evidence: pairs`) or every judged image weighted by the
+    self-judge (`soft`); fine-tuning from the bounded samples of safe images and pairs.
     """
     hs, proj, ft = config.harmful_space, config.projection, config.finetune
     num_codes = codebook.shape[0]
-    codes_h, codes_s = aligned_differences(harm_tokens[aligned], safe_tokens[aligned])
-    space = harmful_space(codebook, codes_h, codes_s, energy=hs.energy, max_rank=hs.max_rank)
-    if hs.evidence == "soft" and judged_tokens is not None and judged_tokens.shape[0] > 0:
-        scores = soft_harm_scores(judged_tokens, judged_probs, num_codes, smoothing=hs.smoothing,
-                                  score_min=hs.harm_score_min, top_q=hs.top_q, sharpness=hs.sharpness)
+    space = harmful_space_from_gram(stats.gram, stats.num_differences, energy=hs.energy, max_rank=hs.max_rank,
+                                    dtype=codebook.dtype)
+    if hs.evidence == "soft" and stats.judged > 0:
+        n_h, n_s = stats.soft_harm, stats.soft_safe
     else:
-        safe_all = torch.cat([safe_tokens.reshape(-1), keep_tokens.reshape(-1)])
-        scores = harm_scores(harm_tokens, safe_all, num_codes, smoothing=hs.smoothing, score_min=hs.harm_score_min,
-                             top_q=hs.top_q)
+        n_h, n_s = stats.hard_harm, stats.hard_safe
+    scores = scores_from_counts(n_h, n_s, num_codes, hs.smoothing, hs.harm_score_min, hs.top_q)
     alphas = code_step_sizes(scores, proj.alpha, proj.safe_use_damping, proj.full_score)
     projected = codebook
     if proj.enabled:
         projected = project_codebook(codebook, space, alphas, safe_mean(codebook, scores.safe_counts))
-    report = {"pairs": int(harm_tokens.shape[0]), "aligned_pairs": int(aligned.sum()), "differences": space.num_differences,
+    report = {"pairs": stats.pairs, "aligned_pairs": stats.aligned_pairs, "differences": space.num_differences,
               "space_rank": space.rank, "space_energy": round(space.energy, 4), "harmful_codes": int(scores.harmful.sum()),
               "moved_codes": int((alphas > 0).sum()) if proj.enabled else 0,
               "projection_shift": _shift(codebook, projected)}
     new = projected
+    no_grid = torch.zeros(0, stats.num_tokens, dtype=torch.long)
+    (keep_tokens,) = stats.keep.tensors(no_grid)
+    harm_tokens, safe_tokens = stats.harm.tensors(no_grid, no_grid)
     if ft.enabled and ft.steps > 0 and keep_tokens.shape[0] > 0 and space.rank > 0:
         with torch.no_grad():
             keep_targets = _decode_batched(model, keep_tokens, codebook_v0)

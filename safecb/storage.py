@@ -3,17 +3,28 @@
 Layout, relative to the run root::
 
     config.yaml
-    iter=0003/generations/shard-000017.parquet   # one PUT per shard, deterministic name
-    iter=0003/pairs/shard-000017.parquet
-    iter=0003/_commits/generations-000017.json    # ShardRecord; written after the shard
-    iter=0003/MANIFEST.json                       # written last; readers trust only it
+    iter=0003/generations/shard-000017.a1b2.parquet  # one PUT per attempt, named by the attempt
+    iter=0003/pairs/shard-000017.a1b2.parquet
+    iter=0003/_commits/generations-000017.json       # ShardRecord; the driver writes it after the shard
+    iter=0003/MANIFEST.json                          # written last; readers trust only it
     codebooks/v0004.safetensors (+ v0004.json)
     metrics.jsonl
 
-Crash safety comes from ordering, not from atomic renames (object stores have none): a shard is
-one whole-object write, its commit marker is written after it, the manifest after all commits.
-Resume lists the commits and redoes only missing shards; readers read only what the manifest
-lists and verify each object's sha256.
+Exactly-once shards with many writers and one driver: actors (`write_attempt`) each write their
+attempt's object under its own name, so a retried or zombie attempt never overwrites another
+attempt's bytes; only the driver (`commit_shard`) writes commit markers, and the first valid
+commit of a shard wins. A commit is valid when it parses, points at
+``iter=NNNN/{kind}/shard-{index:06d}.{attempt}.parquet`` and that object has the committed sha256.
+`committed_shards` deletes invalid commits (the driver is their sole writer), so resume redoes
+exactly those shards. Objects of attempts that never got committed are left in place (harmless:
+nothing points at them; `remove_iteration` clears them with the folder).
+
+Crash safety comes from ordering: a shard is one whole-object write, its commit marker is written
+after it, the manifest after all commits. Object stores cannot rename, so there each object is one
+PUT (already all-or-nothing); on a local filesystem every write goes to a temporary name in the
+same folder and is `os.replace`d into place, so no file is ever seen torn. Resume lists the commits
+and redoes only missing shards; readers read only what the manifest lists and verify each
+object's sha256.
 
 Every error is a one-line `StorageError` naming the URL/path and what was expected. Storage
 options (keys, secrets, tokens) never appear in messages or reprs.
@@ -26,9 +37,12 @@ import io
 import json
 import os
 import re
+import shutil
 import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
@@ -51,7 +65,12 @@ S3_CONFIG_DEFAULTS: dict[str, Any] = {
 CHECK_REACHABLE_DEADLINE_S = 10.0
 PARQUET_COMPRESSION = "zstd"
 
+# Commit verification reads whole shard objects; this many at a time bounds driver memory.
+VERIFY_BATCH = 16
+COPY_CHUNK_BYTES = 1 << 20
+
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_ATTEMPT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ITER_DIR_RE = re.compile(r"^iter=(\d+)$")
 _CODEBOOK_SIDECAR_RE = re.compile(r"^v(\d+)\.json$")
 _SECRET_KEY_RE = re.compile(r"key|secret|token|passw|credential|auth|session|signature|sig$", re.I)
@@ -114,6 +133,12 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
+def _check_attempt(attempt: str) -> str:
+    if not isinstance(attempt, str) or not _ATTEMPT_RE.match(attempt):
+        raise ValueError(f"attempt id must match {_ATTEMPT_RE.pattern}, got {attempt!r}")
+    return attempt
+
+
 def _check_rel(rel_path: str) -> str:
     rel = rel_path.strip("/")
     if not rel or rel_path.startswith("/") or any(p in ("", ".", "..") for p in rel.split("/")):
@@ -126,6 +151,26 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression=PARQUET_COMPRESSION)
     return buf.getvalue()
+
+
+def _atomic_local_write(dest: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Write `dest` via a temporary name in its folder + `os.replace`; no temp file survives a failure."""
+    folder, name = os.path.split(dest)
+    # Hidden and unique: concurrent writers never share a temp name, and no listing pattern matches it.
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            # Without fsync a crash after the rename can leave an empty file on some filesystems.
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _json_default(obj: Any) -> Any:
@@ -203,12 +248,78 @@ class RunStore:
             self.fs.makedirs(parent, exist_ok=True)
 
     def _put(self, rel: str, data: bytes) -> None:
-        """One whole-object write."""
+        """One whole-object write: a single PUT on object stores, temp file + rename locally."""
         try:
             self._makedirs_for(rel)
-            self.fs.pipe_file(self._abs(rel), data)
+            if self._is_local:
+                _atomic_local_write(self._abs(rel), lambda f: f.write(data))
+            else:
+                self.fs.pipe_file(self._abs(rel), data)
         except Exception as e:
             raise self._error(rel, f"could not write {len(data)} bytes", e) from None
+
+    def put_file(self, local_path: str | os.PathLike, rel_path: str) -> None:
+        """Upload a local file to `rel_path` without loading it into memory.
+
+        S3: fsspec `put_file` (multipart for large files; the object appears only on completion).
+        Local: streamed copy to a temporary name + rename, like every other local write.
+        """
+        rel = _check_rel(rel_path)
+        src = os.fspath(local_path)
+        try:
+            size = os.path.getsize(src)
+        except OSError as e:
+            raise self._error(rel, f"expected local file {src} to upload", e) from None
+        try:
+            self._makedirs_for(rel)
+            if self._is_local:
+                def copy(f: IO[bytes]) -> None:
+                    with open(src, "rb") as fi:
+                        shutil.copyfileobj(fi, f, COPY_CHUNK_BYTES)
+
+                _atomic_local_write(self._abs(rel), copy)
+            else:
+                self.fs.put_file(src, self._abs(rel))
+        except Exception as e:
+            raise self._error(rel, f"could not upload {size} bytes from local file {src}", e) from None
+        if self._is_s3:
+            self.fs.invalidate_cache(self._abs(rel))
+
+    def _rm(self, rel: str, what: str) -> None:
+        """Delete one object; already gone is fine."""
+        try:
+            self.fs.rm_file(self._abs(rel))
+        except FileNotFoundError:
+            pass
+        except Exception as e:
+            raise self._error(rel, f"could not delete {what}", e) from None
+        if self._is_s3:
+            self.fs.invalidate_cache(self._abs(rel))
+
+    def _cat_many(self, rels: list[str], rel_for_error: str, what: str) -> dict[str, bytes | None]:
+        """rel -> bytes (None if missing) for many objects in one concurrent request.
+
+        Any failure other than "missing" raises: a transient read error must never be mistaken for
+        a missing object (callers delete commits whose object is missing).
+        """
+        if not rels:
+            return {}
+        try:
+            blobs = self.fs.cat([self._abs(r) for r in rels], on_error="return")
+        except Exception as e:
+            raise self._error(rel_for_error, f"could not read {what}", e) from None
+        out: dict[str, bytes | None] = {}
+        for r in rels:
+            if self._abs(r) not in blobs:  # never guess "missing": that would delete commits
+                raise self._error(r, f"could not read {what}: the filesystem returned no result for it")
+            blob = blobs[self._abs(r)]
+            if isinstance(blob, FileNotFoundError):
+                out[r] = None
+            elif isinstance(blob, bytes):
+                out[r] = blob
+            else:
+                raise self._error(r, f"could not read {what}", blob if isinstance(blob, BaseException) else None)
+        return out
 
     def _get(self, rel: str, what: str = "object") -> bytes:
         try:
@@ -272,50 +383,124 @@ class RunStore:
     # ------------------------------------------------------------------ shards
 
     def shard_path(self, iteration: int, kind: str, index: int) -> str:
-        """Relative path of a shard; a pure function of (iteration, kind, index)."""
+        """Legacy attempt-less shard path (kept for old runs' records; new shards use `attempt_path`)."""
         if index < 0:
             raise ValueError(f"shard index must be >= 0, got {index}")
         return f"{_iter_dir(iteration)}/{_check_kind(kind)}/shard-{index:06d}.parquet"
 
+    def attempt_path(self, iteration: int, kind: str, index: int, attempt: str) -> str:
+        """Relative path of one attempt's shard object: ``iter=NNNN/{kind}/shard-{index:06d}.{attempt}.parquet``."""
+        if index < 0:
+            raise ValueError(f"shard index must be >= 0, got {index}")
+        return f"{_iter_dir(iteration)}/{_check_kind(kind)}/shard-{index:06d}.{_check_attempt(attempt)}.parquet"
+
     def _commit_path(self, iteration: int, kind: str, index: int) -> str:
         return f"{_iter_dir(iteration)}/_commits/{_check_kind(kind)}-{index:06d}.json"
 
-    def write_shard(self, iteration: int, kind: str, index: int, table: pa.Table) -> ShardRecord:
-        """Write the shard (one PUT of zstd Parquet bytes), then its commit marker. Idempotent."""
-        rel = self.shard_path(iteration, kind, index)
+    def write_attempt(self, iteration: int, kind: str, index: int, table: pa.Table, attempt: str,
+                      actor: str | None = None, node: str | None = None,
+                      stats: dict[str, Any] | None = None) -> ShardRecord:
+        """Write one attempt's shard object (one PUT of deterministic zstd Parquet bytes); no commit.
+
+        Actors call this and hand the record to the driver, which alone calls `commit_shard`.
+        `attempt` must be unique per attempt (e.g. a uuid), so attempts never overwrite each other.
+        """
+        rel = self.attempt_path(iteration, kind, index, attempt)
+        # Round-trip through JSON now so numpy/torch scalars fail (or convert) in the actor, not
+        # later when the driver serialises the commit.
+        stats = json.loads(json.dumps(stats or {}, default=_json_default))
         data = _parquet_bytes(table)
-        record = ShardRecord(kind=kind, index=index, path=rel, rows=table.num_rows, bytes=len(data), sha256=_sha256(data))
+        record = ShardRecord(kind=kind, index=index, path=rel, rows=table.num_rows, bytes=len(data),
+                             sha256=_sha256(data), attempt=attempt, actor=actor, node=node, stats=stats)
         self._put(rel, data)
-        self._put(self._commit_path(iteration, kind, index), record.to_json().encode())
         return record
 
+    def _commit_points_home(self, iteration: int, kind: str, index: int, rec: ShardRecord) -> bool:
+        """Does `rec` name an attempt object of exactly this (iteration, kind, index)?"""
+        if rec.kind != kind or rec.index != index or not _ATTEMPT_RE.match(rec.attempt):
+            return False
+        return rec.path == self.attempt_path(iteration, kind, index, rec.attempt)
+
+    def _parse_commit(self, iteration: int, kind: str, index: int, blob: bytes) -> ShardRecord | None:
+        try:
+            rec = ShardRecord.from_json(blob)
+        except ValidationError:
+            return None  # torn/garbled marker
+        return rec if self._commit_points_home(iteration, kind, index, rec) else None
+
+    def _object_matches(self, rec: ShardRecord, blob: bytes | None) -> bool:
+        return blob is not None and len(blob) == rec.bytes and _sha256(blob) == rec.sha256
+
+    def commit_shard(self, iteration: int, record: ShardRecord) -> ShardRecord:
+        """The driver's commit of an attempt's shard; returns the record that is committed.
+
+        If a valid commit for (kind, index) already exists it wins and is returned unchanged, so a
+        late zombie attempt never replaces a committed shard. An invalid one (garbled, pointing
+        elsewhere, object missing or of another sha256) is overwritten. Check-then-write is not
+        atomic: this relies on the driver being the only process that commits.
+        """
+        kind, index = record.kind, record.index
+        if not self._commit_points_home(iteration, kind, index, record):
+            raise ValueError(f"record path {record.path!r} is not an attempt path of iteration {iteration} "
+                             f"{kind!r} shard {index} (attempt {record.attempt!r})")
+        rel = self._commit_path(iteration, kind, index)
+        existing_blob = self._cat_many([rel], rel, "commit marker")[rel]
+        if existing_blob is not None:
+            existing = self._parse_commit(iteration, kind, index, existing_blob)
+            if existing is not None:
+                if existing == record:
+                    return existing  # re-commit of the same attempt: no need to re-read the object
+                obj = self._cat_many([existing.path], existing.path, "committed shard")[existing.path]
+                if self._object_matches(existing, obj):
+                    return existing
+        self._put(rel, record.to_json().encode())
+        return record
+
+    def write_shard(self, iteration: int, kind: str, index: int, table: pa.Table) -> ShardRecord:
+        """Single-process convenience: `write_attempt` (attempt "local") + `commit_shard`.
+
+        Rewriting with other data overwrites the "local" object, which invalidates the old commit,
+        so the new data gets committed; rewriting the same data returns the existing record.
+        """
+        record = self.write_attempt(iteration, kind, index, table, attempt="local")
+        return self.commit_shard(iteration, record)
+
     def committed_shards(self, iteration: int, kind: str) -> dict[int, ShardRecord]:
-        """index -> record for every commit whose shard object exists with the committed size."""
+        """index -> record for every valid commit of `kind` in `iteration`.
+
+        Valid means: the marker parses, points at ``iter=NNNN/{kind}/shard-{index:06d}.{attempt}.parquet``
+        and that object's bytes have the committed size and sha256 (the bytes are read, VERIFY_BATCH
+        objects at a time). Every invalid marker is deleted: the driver is the sole writer of
+        commits, so deleting lets the shard be redone and committed again by `commit_shard`.
+        Transient read errors raise StorageError instead (they must not delete good commits).
+        """
         _check_kind(kind)
         commits_rel = f"{_iter_dir(iteration)}/_commits"
         pattern = re.compile(rf"^{re.escape(kind)}-(\d+)\.json$")
         names = sorted(n for n in self._ls_names(commits_rel) if pattern.match(n))
-        if not names:
-            return {}
-        sizes = self._ls_names(f"{_iter_dir(iteration)}/{kind}")
-        try:
-            blobs = self.fs.cat([self._abs(f"{commits_rel}/{n}") for n in names], on_error="return")
-        except Exception as e:
-            raise self._error(commits_rel, "could not read commit markers", e) from None
+        blobs = self._cat_many([f"{commits_rel}/{n}" for n in names], commits_rel, "commit markers")
+        candidates: list[tuple[str, ShardRecord]] = []
+        bad: list[str] = []
+        for rel, blob in blobs.items():
+            if blob is None:
+                continue  # vanished since listing: not committed
+            index = int(pattern.match(rel.rsplit("/", 1)[-1]).group(1))
+            rec = self._parse_commit(iteration, kind, index, blob)
+            if rec is None:
+                bad.append(rel)
+            else:
+                candidates.append((rel, rec))
         out: dict[int, ShardRecord] = {}
-        for name in names:
-            blob = blobs.get(self._abs(f"{commits_rel}/{name}"))
-            if not isinstance(blob, bytes):
-                continue  # vanished or unreadable: treat as not committed
-            try:
-                rec = ShardRecord.from_json(blob)
-            except ValidationError:
-                continue  # torn/garbled marker: the shard will be redone
-            if rec.kind != kind or rec.path != self.shard_path(iteration, kind, rec.index):
-                continue
-            if sizes.get(rec.path.rsplit("/", 1)[-1]) != rec.bytes:
-                continue  # shard missing or of another size
-            out[rec.index] = rec
+        for start in range(0, len(candidates), VERIFY_BATCH):
+            batch = candidates[start:start + VERIFY_BATCH]
+            objs = self._cat_many([rec.path for _, rec in batch], f"{_iter_dir(iteration)}/{kind}", "committed shards")
+            for rel, rec in batch:
+                if self._object_matches(rec, objs[rec.path]):
+                    out[rec.index] = rec
+                else:
+                    bad.append(rel)  # object missing, resized or overwritten
+        for rel in bad:
+            self._rm(rel, "invalid commit marker")
         return dict(sorted(out.items()))
 
     # ------------------------------------------------------------------ manifests
@@ -340,53 +525,101 @@ class RunStore:
             raise self._error(rel, f"expected manifest of iteration {iteration}, got {m.iteration}")
         return m
 
+    @staticmethod
+    def _parse_manifest(iteration: int, blob: bytes | None) -> Manifest | None:
+        if blob is None:
+            return None
+        try:
+            m = Manifest.from_json(blob)
+        except ValidationError:
+            return None  # torn or garbled: not a finished iteration
+        return m if m.iteration == iteration else None
+
+    def _valid_manifest_map(self) -> dict[int, Manifest]:
+        """iteration -> manifest for every MANIFEST.json that parses, validates and names its iteration."""
+        iters = sorted(int(m.group(1)) for n in self._ls_names("") if (m := _ITER_DIR_RE.match(n)))
+        rels = {i: self._manifest_path(i) for i in iters}
+        blobs = self._cat_many(list(rels.values()), "", "manifests")
+        parsed = {i: self._parse_manifest(i, blobs[rel]) for i, rel in rels.items()}
+        return {i: m for i, m in parsed.items() if m is not None}
+
     def has_manifest(self, iteration: int) -> bool:
-        return self.exists(self._manifest_path(iteration))
+        """True if iteration's MANIFEST.json exists and is valid (a torn one does not count)."""
+        rel = self._manifest_path(iteration)
+        return self._parse_manifest(iteration, self._cat_many([rel], rel, "manifest")[rel]) is not None
 
     def manifest_iterations(self) -> list[int]:
-        """Sorted iterations that have a MANIFEST.json."""
-        iters = sorted(int(m.group(1)) for n in self._ls_names("") if (m := _ITER_DIR_RE.match(n)))
-        return [i for i in iters if self.has_manifest(i)]
+        """Sorted iterations whose MANIFEST.json parses and validates (gaps possible; see `valid_manifests`)."""
+        return sorted(self._valid_manifest_map())
 
-    def read_table(self, manifest: Manifest, kind: str, schema: pa.Schema | None = None) -> pa.Table:
+    def valid_manifests(self) -> list[Manifest]:
+        """Manifests of iterations 0..n in order, stopping at the first missing or invalid one."""
+        found = self._valid_manifest_map()
+        out: list[Manifest] = []
+        while len(out) in found:
+            out.append(found[len(out)])
+        return out
+
+    def _decode_shard(self, rec: ShardRecord, blob: bytes | None, schema: pa.Schema | None,
+                      columns: list[str] | None, what: str) -> pa.Table:
+        """Verify `blob` against `rec` (size, sha256, rows) and decode it; one-line StorageError otherwise."""
+        if blob is None:
+            raise self._error(rec.path, f"expected {what} (sha256 {rec.sha256[:12]}..), but it is missing")
+        sha = _sha256(blob)
+        if len(blob) != rec.bytes or sha != rec.sha256:
+            raise self._error(rec.path, f"expected sha256 {rec.sha256[:12]}.. ({rec.bytes} bytes), got {sha[:12]}.. ({len(blob)} bytes): shard corrupted or overwritten")
+        try:
+            t = pq.read_table(io.BytesIO(blob), columns=columns)
+        except Exception as e:
+            raise self._error(rec.path, "expected a readable Parquet shard" + (f" with columns {columns}" if columns else ""), e) from None
+        if t.num_rows != rec.rows:
+            raise self._error(rec.path, f"expected {rec.rows} rows, got {t.num_rows}")
+        # Parquet names list children "element" (Arrow: "item"); cast restores the exact schema.
+        if schema is not None and not t.schema.equals(schema, check_metadata=True):
+            try:
+                t = t.select(schema.names).cast(schema)
+            except Exception as e:
+                raise self._error(rec.path, "shard does not match the expected schema", e) from None
+        return t
+
+    @staticmethod
+    def _project(schema: pa.Schema | None, columns: list[str] | None) -> pa.Schema | None:
+        if schema is None or columns is None:
+            return schema
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise ValueError(f"columns {missing} are not in the schema (fields: {schema.names})")
+        return pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
+
+    def read_shard(self, record: ShardRecord, schema: pa.Schema | None = None,
+                   columns: list[str] | None = None) -> pa.Table:
+        """Read one shard, verifying its size, sha256 and row count (optionally only `columns`)."""
+        target = self._project(schema, columns)
+        blob = self._cat_many([record.path], record.path, "shard")[record.path]
+        return self._decode_shard(record, blob, target, columns, "shard")
+
+    def iter_shard_tables(self, records: Iterable[ShardRecord], schema: pa.Schema | None = None,
+                          columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """Yield each record's verified table in order, one shard in memory at a time."""
+        for record in records:
+            yield self.read_shard(record, schema, columns)
+
+    def read_table(self, manifest: Manifest, kind: str, schema: pa.Schema | None = None,
+                   columns: list[str] | None = None) -> pa.Table:
         """Concatenate exactly the `kind` shards `manifest` lists, verifying each one's sha256.
 
         With no shards, returns an empty table of `schema` (required in that case). With `schema`,
-        each shard is checked/cast to it.
+        each shard is checked/cast to it. Reads all shards concurrently; use `iter_shard_tables`
+        to stream instead.
         """
+        target = self._project(schema, columns)
         records = manifest.shards.get(kind, [])
         if not records:
-            if schema is None:
+            if target is None:
                 raise ValueError(f"manifest of iteration {manifest.iteration} lists no {kind!r} shards; pass schema= to get an empty table")
-            return schema.empty_table()
-        paths = [self._abs(r.path) for r in records]
-        try:
-            blobs = self.fs.cat(paths, on_error="return")
-        except Exception as e:
-            raise self._error(_iter_dir(manifest.iteration), f"could not read {kind} shards", e) from None
-        tables = []
-        for rec, path in zip(records, paths):
-            blob = blobs.get(path)
-            if isinstance(blob, FileNotFoundError):
-                raise self._error(rec.path, f"expected shard listed in manifest (sha256 {rec.sha256[:12]}), but it is missing")
-            if not isinstance(blob, bytes):
-                raise self._error(rec.path, "could not read shard listed in manifest", blob)
-            sha = _sha256(blob)
-            if len(blob) != rec.bytes or sha != rec.sha256:
-                raise self._error(rec.path, f"expected sha256 {rec.sha256[:12]}.. ({rec.bytes} bytes), got {sha[:12]}.. ({len(blob)} bytes): shard corrupted or overwritten")
-            try:
-                t = pq.read_table(io.BytesIO(blob))
-            except Exception as e:
-                raise self._error(rec.path, "expected a readable Parquet shard", e) from None
-            if t.num_rows != rec.rows:
-                raise self._error(rec.path, f"expected {rec.rows} rows, got {t.num_rows}")
-            # Parquet names list children "element" (Arrow: "item"); cast restores the exact schema.
-            if schema is not None and not t.schema.equals(schema, check_metadata=True):
-                try:
-                    t = t.select(schema.names).cast(schema)
-                except Exception as e:
-                    raise self._error(rec.path, "shard does not match the expected schema", e) from None
-            tables.append(t)
+            return target.empty_table()
+        blobs = self._cat_many([r.path for r in records], _iter_dir(manifest.iteration), f"{kind} shards")
+        tables = [self._decode_shard(r, blobs[r.path], target, columns, "shard listed in manifest") for r in records]
         try:
             return pa.concat_tables(tables)
         except pa.ArrowInvalid as e:
@@ -433,8 +666,9 @@ class RunStore:
         self._put(self._codebook_rel(artifact.version, "json"), artifact.to_json().encode())
         return artifact
 
-    def read_codebook(self, version: int) -> tuple[dict[str, "torch.Tensor"], CodebookArtifact]:
-        """Load a codebook version, verifying the safetensors bytes against the sidecar's sha256."""
+    def read_codebook_bytes(self, version: int) -> tuple[bytes, CodebookArtifact]:
+        """The safetensors bytes of a codebook version and its sidecar, verified (sha256, embedded version):
+        what the driver broadcasts, so that every actor can check what it received."""
         side_rel = self._codebook_rel(version, "json")
         st_rel = self._codebook_rel(version, "safetensors")
         try:
@@ -445,13 +679,22 @@ class RunStore:
         sha = _sha256(data)
         if sha != artifact.sha256:
             raise self._error(st_rel, f"expected sha256 {artifact.sha256[:12]}.. from sidecar, got {sha[:12]}..: codebook corrupted or tampered")
+        self._decode_codebook(st_rel, data, artifact)
+        return data, artifact
+
+    def read_codebook(self, version: int) -> tuple[dict[str, "torch.Tensor"], CodebookArtifact]:
+        """Load a codebook version, verifying the safetensors bytes against the sidecar's sha256."""
+        data, artifact = self.read_codebook_bytes(version)
+        return self._decode_codebook(self._codebook_rel(version, "safetensors"), data, artifact), artifact
+
+    def _decode_codebook(self, rel: str, data: bytes, artifact: CodebookArtifact) -> dict[str, "torch.Tensor"]:
         try:
             tensors, meta = codebook_from_bytes(data)
         except Exception as e:
-            raise self._error(st_rel, "expected readable safetensors", e) from None
+            raise self._error(rel, "expected readable safetensors", e) from None
         if meta.get("version") != artifact.version:
-            raise self._error(st_rel, f"expected embedded version {artifact.version}, got {meta.get('version')}")
-        return tensors, artifact
+            raise self._error(rel, f"expected embedded version {artifact.version}, got {meta.get('version')}")
+        return tensors
 
     def codebook_versions(self) -> list[int]:
         """Sorted versions that have a JSON sidecar (the sidecar is written last)."""
@@ -481,11 +724,14 @@ class RunStore:
         """Append one JSON line to metrics.jsonl (read-modify-write: object stores can't append)."""
         line = json.dumps(row, default=_json_default, allow_nan=True)
         old = self.read_text("metrics.jsonl") if self.exists("metrics.jsonl") else ""
+        if not old.strip():
+            old = ""  # an empty or whitespace-only file holds no rows; don't carry the blanks along
         if old and not old.endswith("\n"):
             old += "\n"
         self.write_text("metrics.jsonl", old + line + "\n")
 
     def read_metrics(self) -> list[dict]:
+        """Rows of metrics.jsonl; [] if it is missing, empty or whitespace-only (blank lines skipped)."""
         if not self.exists("metrics.jsonl"):
             return []
         rows = []

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 import time
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from safecb.schemas import GENERATION_SCHEMA, PAIR_SCHEMA, CodebookArtifact, Manifest, table_from_rows
+import safecb.storage as storage_mod
+from safecb.schemas import GENERATION_SCHEMA, PAIR_SCHEMA, CodebookArtifact, Manifest, ShardRecord, table_from_rows
 from safecb.storage import RunStore, StorageError, strip_credentials
 
 SECRET = "SUPERSECRETvalue123"
@@ -81,7 +85,7 @@ def test_read_table_detects_corrupted_shard(store):
     with pytest.raises(StorageError) as ei:
         store.read_table(store.read_manifest(3), "generations", GENERATION_SCHEMA)
     msg = str(ei.value)
-    assert "iter=0003/generations/shard-000002.parquet" in msg and "sha256" in msg
+    assert "iter=0003/generations/shard-000002.local.parquet" in msg and "sha256" in msg
     assert "\n" not in msg
 
 
@@ -120,6 +124,10 @@ def test_commit_without_shard_or_wrong_size_is_ignored(store):
     store.fs.pipe_file(f"{store._root}/{resized.path}", b"short")
     store.write_text("iter=0003/_commits/generations-000003.json", "{torn")
     assert store.committed_shards(3, "generations") == {0: keep}
+    # Bad markers are deleted (so the shards get redone); the good one stays.
+    assert store.exists("iter=0003/_commits/generations-000000.json")
+    for i in (1, 2, 3):
+        assert not store.exists(f"iter=0003/_commits/generations-00000{i}.json")
 
 
 def test_remove_iteration(store):
@@ -195,3 +203,224 @@ def test_strip_credentials():
     assert strip_credentials("s3://AKIA:hunter2@bucket/p") == "s3://bucket/p"
     assert strip_credentials("https://h/x?secret=abc&region=eu&key=k") == "https://h/x?region=eu"
     assert strip_credentials("/tmp/run") == "/tmp/run"
+
+
+# --------------------------------------------------------------------------- attempts and commits
+
+
+def flip_bit(store: RunStore, rel: str) -> None:
+    path = f"{store._root}/{rel}"
+    data = bytearray(store.fs.cat_file(path))
+    data[len(data) // 3] ^= 0x01
+    store.fs.pipe_file(path, bytes(data))
+
+
+def commit_rel(kind: str, index: int, iteration: int = 3) -> str:
+    return f"iter={iteration:04d}/_commits/{kind}-{index:06d}.json"
+
+
+def test_two_attempts_first_commit_wins(store):
+    a = store.write_attempt(3, "generations", 4, gen_table(3), "att-a", actor="actor-1", node="node-a",
+                            stats={"unsafe": np.int64(2), "rate": np.float32(0.5)})
+    b = store.write_attempt(3, "generations", 4, gen_table(3, start=10), "att_b")
+    assert a.path == store.attempt_path(3, "generations", 4, "att-a") == "iter=0003/generations/shard-000004.att-a.parquet"
+    assert b.path == "iter=0003/generations/shard-000004.att_b.parquet"
+    assert (a.attempt, a.actor, a.node, a.rows) == ("att-a", "actor-1", "node-a", 3)
+    assert a.stats == {"unsafe": 2, "rate": 0.5} and type(a.stats["unsafe"]) is int
+    assert a.sha256 != b.sha256 and store.exists(a.path) and store.exists(b.path)
+    # Actors write objects only; nothing is committed until the driver commits.
+    assert store.committed_shards(3, "generations") == {} and not store.exists(commit_rel("generations", 4))
+
+    assert store.commit_shard(3, a) == a
+    assert store.commit_shard(3, b) == a  # the late attempt does not replace the committed one
+    assert ShardRecord.from_json(store.read_text(commit_rel("generations", 4))) == a
+    assert store.committed_shards(3, "generations") == {4: a}
+    assert store.read_shard(a, GENERATION_SCHEMA).column("prompt_id").to_pylist() == ["p0", "p1", "p2"]
+    assert store.exists(b.path)  # the loser's object is left alone (nothing points at it)
+
+
+def test_attempt_and_commit_arguments_are_checked(store):
+    for bad in ["", "a.b", "../x", "a/b", "x" * 65, "sp ace"]:
+        with pytest.raises(ValueError, match="attempt id"):
+            store.attempt_path(3, "generations", 0, bad)
+    a = store.write_attempt(3, "generations", 1, gen_table(1), "a1")
+    for wrong in [a.model_copy(update={"index": 2}), a.model_copy(update={"attempt": "a2"}),
+                  a.model_copy(update={"path": store.shard_path(3, "generations", 1)})]:
+        with pytest.raises(ValueError, match="not an attempt path"):
+            store.commit_shard(3, wrong)
+    with pytest.raises(ValueError, match="not an attempt path"):
+        store.commit_shard(4, a)  # record of another iteration
+    assert not store.exists(commit_rel("generations", 1))
+
+
+@pytest.mark.parametrize("damage", ["rewritten_same_size", "bit_flip"])
+def test_damaged_committed_object_is_uncommitted_and_redone(store, damage):
+    keep = store.write_attempt(3, "pairs", 0, gen_table(2), "k")
+    stale = store.write_attempt(3, "pairs", 4, gen_table(2), "old4")
+    stale5 = store.write_attempt(3, "pairs", 5, gen_table(2), "old5")
+    for rec in (keep, stale, stale5):
+        store.commit_shard(3, rec)
+    for rec in (stale, stale5):
+        if damage == "bit_flip":
+            flip_bit(store, rec.path)
+        else:
+            other = bytes(reversed(store.fs.cat_file(f"{store._root}/{rec.path}")))
+            assert len(other) == rec.bytes
+            store.fs.pipe_file(f"{store._root}/{rec.path}", other)
+
+    # An invalid commit does not block the driver: commit_shard overwrites it.
+    new5 = store.write_attempt(3, "pairs", 5, gen_table(2), "new5")
+    assert store.commit_shard(3, new5) == new5
+
+    assert store.committed_shards(3, "pairs") == {0: keep, 5: new5}
+    assert not store.exists(commit_rel("pairs", 4))  # deleted, so resume redoes shard 4
+    assert store.exists(commit_rel("pairs", 0))
+    new4 = store.write_attempt(3, "pairs", 4, gen_table(2), "new4")
+    assert store.commit_shard(3, new4) == new4
+    assert store.committed_shards(3, "pairs") == {0: keep, 4: new4, 5: new5}
+
+
+def test_commit_pointing_outside_its_shard_is_deleted(store):
+    good = store.write_attempt(3, "generations", 0, gen_table(2), "g")
+    # Object exists with the right sha256, but at a path that is not shard 1's attempt path.
+    elsewhere = good.model_copy(update={"index": 1})
+    store.write_text(commit_rel("generations", 1), elsewhere.to_json())
+    # Commit file name says shard 2, record says shard 0.
+    store.write_text(commit_rel("generations", 2), good.to_json())
+    assert store.committed_shards(3, "generations") == {}
+    assert not store.exists(commit_rel("generations", 1)) and not store.exists(commit_rel("generations", 2))
+
+
+def test_write_shard_is_write_attempt_local_plus_commit(store):
+    a = store.write_shard(3, "generations", 7, gen_table(4))
+    assert a.attempt == "local" and a.path == store.attempt_path(3, "generations", 7, "local")
+    # Rewriting other data replaces the "local" object, so the new data is what gets committed.
+    b = store.write_shard(3, "generations", 7, gen_table(4, start=100))
+    assert b != a and store.committed_shards(3, "generations") == {7: b}
+    assert store.read_shard(b).column("prompt_id").to_pylist()[0] == "p100"
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def test_torn_or_invalid_manifest_is_not_a_finished_iteration(store):
+    for i in range(4):
+        store.write_manifest(make_manifest(i, {}))
+    assert store.manifest_iterations() == [0, 1, 2, 3]
+    assert [m.iteration for m in store.valid_manifests()] == [0, 1, 2, 3]
+    path = f"{store._root}/iter=0001/MANIFEST.json"
+    whole = store.fs.cat_file(path)
+    store.fs.pipe_file(path, whole[: len(whole) // 2])  # torn
+    store.write_text("iter=0003/MANIFEST.json", make_manifest(2, {}).to_json())  # names another iteration
+    assert store.manifest_iterations() == [0, 2]
+    assert not store.has_manifest(1) and store.has_manifest(2) and not store.has_manifest(3)
+    assert [m.iteration for m in store.valid_manifests()] == [0]  # stops at the torn iteration 1
+    store.write_manifest(make_manifest(1, {}))
+    store.remove_iteration(2)
+    store.write_manifest(make_manifest(3, {}))
+    assert store.manifest_iterations() == [0, 1, 3]
+    assert [m.iteration for m in store.valid_manifests()] == [0, 1]  # stops at the gap
+
+
+# --------------------------------------------------------------------------- reading shards
+
+
+def test_iter_shard_tables_streams_and_verifies(store):
+    records = [store.write_shard(3, "generations", i, gen_table(2, start=10 * i)) for i in range(3)]
+    gen = store.iter_shard_tables(records, GENERATION_SCHEMA)
+    assert inspect.isgenerator(gen)
+    first = next(gen)
+    assert first.schema.equals(GENERATION_SCHEMA, check_metadata=True)
+    assert first.column("prompt_id").to_pylist() == ["p0", "p1"]
+    flip_bit(store, records[1].path)  # read lazily: damage after the first shard is still caught
+    with pytest.raises(StorageError) as ei:
+        next(gen)
+    msg = str(ei.value)
+    assert records[1].path in msg and "sha256" in msg and "\n" not in msg
+
+    cols = list(store.iter_shard_tables([records[0], records[2]], GENERATION_SCHEMA, columns=["seed", "prompt_id"]))
+    assert [t.schema.names for t in cols] == [["seed", "prompt_id"]] * 2
+    assert cols[1].column("prompt_id").to_pylist() == ["p20", "p21"]
+    assert cols[0].schema.field("seed").type == pa.int64()
+
+    with pytest.raises(StorageError, match=r"shard-000000\.local\.parquet.*expected 5 rows, got 2"):
+        store.read_shard(records[0].model_copy(update={"rows": 5}))
+    gone = records[0].model_copy(update={"path": store.attempt_path(3, "generations", 0, "gone")})
+    with pytest.raises(StorageError, match=r"shard-000000\.gone\.parquet.*missing"):
+        next(store.iter_shard_tables([gone]))
+
+
+def test_read_table_columns(store):
+    rec = store.write_shard(3, "generations", 0, gen_table(3))
+    t = store.read_table(make_manifest(3, {"generations": [rec]}), "generations", GENERATION_SCHEMA, columns=["prompt_id"])
+    assert t.schema.names == ["prompt_id"] and t.num_rows == 3
+    empty = store.read_table(make_manifest(3, {}), "generations", GENERATION_SCHEMA, columns=["seed"])
+    assert empty.schema.names == ["seed"] and empty.num_rows == 0
+
+
+# --------------------------------------------------------------------------- small files
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n\t \n"])
+def test_empty_metrics_file_reads_as_no_rows(store, content):
+    store.write_text("metrics.jsonl", content)
+    assert store.read_metrics() == []
+    store.append_metrics({"iteration": 0})
+    assert store.read_metrics() == [{"iteration": 0}]
+    assert store.read_text("metrics.jsonl") == '{"iteration": 0}\n'
+
+
+def test_put_file_uploads_a_local_file(store, tmp_path):
+    src = tmp_path / "prompts.jsonl"
+    payload = os.urandom(3 << 20)
+    src.write_bytes(payload)
+    store.put_file(src, "snapshots/prompts.jsonl")
+    assert store.fs.cat_file(f"{store._root}/snapshots/prompts.jsonl") == payload
+    with pytest.raises(StorageError, match=r"snapshots/x\.jsonl.*local file .*nope\.jsonl") as ei:
+        store.put_file(tmp_path / "nope.jsonl", "snapshots/x.jsonl")
+    assert "\n" not in str(ei.value)
+    with pytest.raises(ValueError, match="relative path"):
+        store.put_file(src, "../escape")
+
+
+def _all_files(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names)
+
+
+def test_local_writes_are_atomic_and_leave_no_temp_files(tmp_path, monkeypatch):
+    store = RunStore(str(tmp_path / "run"))
+    renames: list[tuple[str, str]] = []
+    real_replace = os.replace
+
+    def spy_replace(src, dst):
+        # At rename time the full content is already in the temp file, next to its destination.
+        assert os.path.dirname(src) == os.path.dirname(dst) and os.path.getsize(src) > 0
+        renames.append((src, dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(storage_mod.os, "replace", spy_replace)
+    store.write_text("config.yaml", "seed: 1\n")
+    rec = store.write_shard(0, "generations", 0, gen_table(2))
+    store.write_manifest(make_manifest(0, {"generations": [rec]}))
+    store.append_metrics({"iteration": 0})
+    store.write_codebook({"codebook": torch.zeros(2, 2)}, artifact(0))
+    snap = tmp_path / "snap.bin"
+    snap.write_bytes(b"x" * 10_000)
+    store.put_file(snap, "snapshots/snap.bin")
+    written = {os.path.relpath(dst, tmp_path / "run") for _, dst in renames}
+    assert {"config.yaml", rec.path, "iter=0000/_commits/generations-000000.json", "iter=0000/MANIFEST.json",
+            "metrics.jsonl", "codebooks/v0000.safetensors", "codebooks/v0000.json", "snapshots/snap.bin"} <= written
+    before = _all_files(tmp_path / "run")
+    assert not [f for f in before if f.endswith(".tmp") or os.path.basename(f).startswith(".")]
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(storage_mod.os, "replace", failing_replace)
+    with pytest.raises(StorageError, match=r"run/config\.yaml: could not write .*disk full") as ei:
+        store.write_text("config.yaml", "seed: 2\n")
+    assert "\n" not in str(ei.value)
+    with pytest.raises(StorageError, match=r"snapshots/snap\.bin: could not upload"):
+        store.put_file(snap, "snapshots/snap.bin")
+    assert store.read_text("config.yaml") == "seed: 1\n"  # old content intact
+    assert _all_files(tmp_path / "run") == before  # no temp file left behind

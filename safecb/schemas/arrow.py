@@ -18,13 +18,17 @@ def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
     return pa.schema(fields, metadata=meta)
 
 
+# One row per prompt of a run's prompt snapshot (`prompts/{name}.parquet`), in source order.
 PROMPT_SCHEMA = _schema(
     "prompts",
     [
         pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("text", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),  # as the model sees it (after any truncation)
+        pa.field("split", pa.string(), nullable=False),  # e.g. "train", "unsafe", "benign"
+        pa.field("source", pa.string(), nullable=False),  # the config key it came from, e.g. "prompts.train"
+        pa.field("category", pa.string(), nullable=True),  # the harm it asks for, when the source says
+        # Built-in sets: the full world PromptRecord as JSON, so any process can rebuild the exact labels.
+        pa.field("meta", pa.string(), nullable=True),
     ],
 )
 

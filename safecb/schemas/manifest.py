@@ -10,7 +10,13 @@ from safecb.schemas.arrow import SCHEMA_VERSION
 
 
 class ShardRecord(BaseModel):
-    """One committed shard object. `path` is relative to the run root; `bytes` is its size."""
+    """One shard object. `path` is relative to the run root; `bytes` is its size.
+
+    `attempt` names the attempt that wrote the object (it is part of `path`, so two attempts of one
+    shard never overwrite each other); "" in records written before attempts existed. `actor` and
+    `node` say where it ran (diagnostics only). `stats` holds small per-shard summary numbers the
+    driver aggregates without reading the shard.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -20,6 +26,10 @@ class ShardRecord(BaseModel):
     rows: int = Field(ge=0)
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    attempt: str = Field(default="", pattern=r"^([A-Za-z0-9_-]{1,64})?$")
+    actor: str | None = None
+    node: str | None = None
+    stats: dict[str, Any] = Field(default_factory=dict)
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -33,7 +43,9 @@ class Manifest(BaseModel):
     """Written last for an iteration; lists exactly the shards of each kind (sorted by index).
 
     `categories` gives the order of `unsafe_probs` in generation rows. `extra` holds free-form
-    numbers the controller wants to keep (thresholds, counts, timings).
+    numbers the controller wants to keep (the iteration's metrics row). `inputs` fixes what the run
+    was started on — the prompt snapshots' content hashes and the model folder's fingerprint — so a
+    resume with other prompts or another model is refused.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -45,6 +57,7 @@ class Manifest(BaseModel):
     categories: list[str]
     shards: dict[str, list[ShardRecord]] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict)
+    inputs: dict[str, Any] = Field(default_factory=dict)
     created_at: str
     config_hash: str
     git_rev: str | None = None

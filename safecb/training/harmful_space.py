@@ -47,6 +47,35 @@ def aligned_differences(harmful_tokens: torch.Tensor, safe_tokens: torch.Tensor)
     return harmful_tokens[differ], safe_tokens[differ]
 
 
+def difference_gram(codebook: torch.Tensor, codes_h: torch.Tensor, codes_s: torch.Tensor) -> torch.Tensor:
+    """DᵀD (D, D) float64 for D = [ĉ(z_h,i) − ĉ(z_s,i)] over the given code pairs (M,), (M,).
+
+    Gram matrices of batches add up, so the Harmful Space of any number of pairs is taken from a
+    (D, D) sum — readers stream shards and ranks all-reduce, nobody stacks the M rows.
+    """
+    unit = F.normalize(codebook.double(), dim=-1)  # (K, D)
+    diffs = unit[codes_h] - unit[codes_s]  # (M, D)
+    return diffs.T @ diffs
+
+
+def harmful_space_from_gram(gram: torch.Tensor, num_differences: int, energy: float = 0.9,
+                            max_rank: int | None = None, dtype: torch.dtype = torch.float32) -> HarmfulSpace:
+    """Top eigenvectors of DᵀD (D, D) holding `energy` of Σσ² (σ² are its eigenvalues): the top right
+    singular vectors of D without D. r ≥ 1 whenever there is a non-zero difference."""
+    dim = gram.shape[0]
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram.double())  # ascending
+    sigma2 = eigenvalues.flip(0).clamp_min(0)  # (D,) descending σ²
+    vectors = eigenvectors.flip(1)  # (D, D) matching columns
+    if num_differences == 0 or float(sigma2[0]) == 0.0:
+        return HarmfulSpace(torch.zeros(dim, 0, dtype=dtype), torch.zeros(0, dtype=dtype), 0.0, num_differences)
+    sigma = sigma2.sqrt()[:min(num_differences, dim)]
+    share = sigma.square().cumsum(0) / sigma.square().sum()  # (min(M,D),)
+    rank = int((share < energy - 1e-12).sum()) + 1  # smallest r with share[r-1] >= energy
+    rank = min(rank, max_rank or rank, int((sigma > sigma[0] * 1e-9).sum()))
+    basis = vectors[:, :rank].contiguous()  # (D, r)
+    return HarmfulSpace(basis.to(dtype), sigma.to(dtype), float(share[rank - 1]), num_differences)
+
+
 def harmful_space(
     codebook: torch.Tensor,
     codes_h: torch.Tensor,
@@ -59,18 +88,8 @@ def harmful_space(
     codebook: (K, D). ĉ is the L2-normalised code, as the VQ decoder sees it. r ≥ 1 whenever
     there is at least one non-zero difference.
     """
-    dim = codebook.shape[1]
-    unit = F.normalize(codebook.double(), dim=-1)  # (K, D)
-    diffs = unit[codes_h] - unit[codes_s]  # (M, D)
-    if diffs.shape[0] == 0 or float(diffs.abs().max()) == 0.0:
-        empty = torch.zeros(dim, 0, dtype=codebook.dtype)
-        return HarmfulSpace(empty, torch.zeros(0, dtype=codebook.dtype), 0.0, int(diffs.shape[0]))
-    _, sigma, vh = torch.linalg.svd(diffs, full_matrices=False)  # sigma (min(M,D),), vh (min(M,D), D)
-    share = sigma.square().cumsum(0) / sigma.square().sum()  # (min(M,D),)
-    rank = int((share < energy - 1e-12).sum()) + 1  # smallest r with share[r-1] >= energy
-    rank = min(rank, max_rank or rank, int((sigma > sigma[0] * 1e-9).sum()))
-    basis = vh[:rank].T.contiguous()  # (D, r)
-    return HarmfulSpace(basis.to(codebook.dtype), sigma.to(codebook.dtype), float(share[rank - 1]), int(diffs.shape[0]))
+    gram = difference_gram(codebook, codes_h, codes_s)
+    return harmful_space_from_gram(gram, int(codes_h.shape[0]), energy, max_rank, codebook.dtype)
 
 
 def harm_scores(
@@ -89,10 +108,10 @@ def harm_scores(
     """
     n_h = torch.bincount(harmful_tokens.reshape(-1), minlength=num_codes).double()  # (K,)
     n_s = torch.bincount(safe_tokens.reshape(-1), minlength=num_codes).double()  # (K,)
-    return _scores_from_counts(n_h, n_s, num_codes, smoothing, score_min, top_q)
+    return scores_from_counts(n_h, n_s, num_codes, smoothing, score_min, top_q)
 
 
-def _scores_from_counts(n_h: torch.Tensor, n_s: torch.Tensor, num_codes: int, smoothing: float, score_min: float,
+def scores_from_counts(n_h: torch.Tensor, n_s: torch.Tensor, num_codes: int, smoothing: float, score_min: float,
                         top_q: int | None) -> HarmScores:
     rate_h = (n_h + smoothing) / (n_h.sum() + smoothing * num_codes)
     rate_s = (n_s + smoothing) / (n_s.sum() + smoothing * num_codes)
@@ -124,9 +143,19 @@ def soft_harm_scores(
     imperfect judge half-knows: an image it scores 0.4 counts wholly as "safe", and a harm it often
     misses then looks like safe usage. With p ∈ {0, 1} this is exactly `harm_scores`.
     """
-    counts = torch.zeros(tokens.shape[0], num_codes, dtype=torch.float64)
-    counts.scatter_add_(1, tokens.long(), torch.ones_like(tokens, dtype=torch.float64))  # (M, K)
-    p = p_unsafe.double().clamp(0, 1)
-    n_h = (p.pow(sharpness)[:, None] * counts).sum(0)  # (K,)
-    n_s = ((1 - p).pow(sharpness)[:, None] * counts).sum(0)  # (K,)
-    return _scores_from_counts(n_h, n_s, num_codes, smoothing, score_min, top_q)
+    n_h, n_s = soft_code_counts(tokens, p_unsafe, num_codes, sharpness)
+    return scores_from_counts(n_h, n_s, num_codes, smoothing, score_min, top_q)
+
+
+def soft_code_counts(tokens: torch.Tensor, p_unsafe: torch.Tensor, num_codes: int,
+                     sharpness: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_h, n_s), each (K,) float64: code counts of tokens (M, N) weighted by p^s and (1 − p)^s.
+
+    A weighted bincount: never an images × codes matrix, and sums over batches add up.
+    """
+    p = p_unsafe.double().clamp(0, 1)  # (M,)
+    flat = tokens.reshape(-1).long()  # (M·N,)
+    per_token = tokens.shape[1] if tokens.dim() == 2 else 1
+    n_h = torch.bincount(flat, weights=p.pow(sharpness).repeat_interleave(per_token), minlength=num_codes)
+    n_s = torch.bincount(flat, weights=(1 - p).pow(sharpness).repeat_interleave(per_token), minlength=num_codes)
+    return n_h, n_s

@@ -125,3 +125,15 @@ def test_codebook_to_bytes_requires_codebook_key():
     art = CodebookArtifact(version=0, iteration=0, created_at="t", config_hash="c")
     with pytest.raises(ValueError, match="'codebook'"):
         codebook_to_bytes({"weights": torch.zeros(2, 2)}, art)
+
+
+def test_shard_record_new_fields_default_for_old_json():
+    old = '{"kind": "pairs", "index": 3, "path": "iter=0001/pairs/shard-000003.parquet", "rows": 2, "bytes": 9, "sha256": "%s"}' % SHA
+    rec = ShardRecord.from_json(old)
+    assert (rec.attempt, rec.actor, rec.node, rec.stats) == ("", None, None, {})
+    new = rec.model_copy(update={"attempt": "a-1", "actor": "act", "node": "n", "stats": {"unsafe": 1}})
+    assert ShardRecord.from_json(new.to_json()) == new
+    with pytest.raises(ValidationError, match="surprise"):
+        ShardRecord.from_json(old[:-1] + ', "surprise": 1}')
+    with pytest.raises(ValidationError, match="attempt"):
+        ShardRecord(kind="pairs", index=0, path="x", rows=0, bytes=0, sha256=SHA, attempt="../x")

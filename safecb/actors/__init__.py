@@ -1,0 +1,1 @@
+"""Ray actors: the collector (one model replica) and the pool supervisor that keeps them busy."""

@@ -1,0 +1,1 @@
+"""Where the Ray side runs: connecting to a local or existing cluster."""

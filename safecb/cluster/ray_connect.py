@@ -1,0 +1,45 @@
+"""Connect the driver to Ray: a local Ray on this machine by default, or an existing cluster.
+
+`cluster.address` null starts (and later stops) a local Ray; "auto" joins the cluster this process
+runs in (a RayJob's driver, `ray job submit`); "ray://head:10001" connects a Ray client. A Ray the
+caller already initialised (a notebook, the tests) is used as it is and left running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from safecb.config import ClusterConfig
+
+
+class ClusterError(RuntimeError):
+    """Ray could not be reached or started. One line."""
+
+
+@contextmanager
+def ray_session(cluster: ClusterConfig) -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    # Quiet by default: our own progress bars say what happens; Ray's banner and per-worker
+    # deduplication notices do not help a user of `safecb run`.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    try:
+        if cluster.address is None:
+            ray.init(num_cpus=cluster.num_cpus, include_dashboard=False, **kwargs)
+        else:
+            ray.init(address=cluster.address, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any failure to connect is one line
+        where = "a local Ray" if cluster.address is None else f"the Ray cluster at {cluster.address}"
+        raise ClusterError(f"cluster.address: could not start or reach {where} "
+                           f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
