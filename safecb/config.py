@@ -64,8 +64,10 @@ class EngineConfig(Section):
 class ModelConfig(Section):
     # "world": the synthetic-world model shipped inside the package (path may stay empty);
     # "janus": a Janus-Pro checkpoint folder in Hugging Face format (path required);
-    # "tiny-random": a tiny randomly initialised Janus built in code (tests, smoke runs only).
-    backend: Literal["world", "janus", "tiny-random"] = "world"
+    # "tiny-random": a tiny randomly initialised Janus built in code (tests, smoke runs only);
+    # "load-generator": a hash-and-linear-map stand-in (safecb.models.load_generator) for scale and
+    # fault tests ONLY: it measures the pipeline, and a run on it is never evidence that Safe-CB works.
+    backend: Literal["world", "janus", "tiny-random", "load-generator"] = "world"
     path: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"

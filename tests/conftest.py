@@ -105,3 +105,15 @@ def run_url(request, tmp_path):
     server = request.getfixturevalue("s3_server")
     bucket = request.getfixturevalue("s3_bucket")
     return f"s3://{bucket}/runs/test", {"client_kwargs": {"endpoint_url": server["endpoint_url"]}}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray (2 CPUs, like CI) for the whole session: the loop reuses a Ray it finds running,
+    so each test pays for its actors' model loads, not for starting Ray (~5 s)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()

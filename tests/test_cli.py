@@ -14,6 +14,8 @@ from safecb.cli import app
 from safecb.storage import RunStore
 from tests_support import assert_one_line_failure
 
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # one local Ray for every run here
+
 runner = CliRunner()
 
 

@@ -6,7 +6,6 @@ machinery: layout, versions, manifests, and that a resumed run equals an uninter
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -19,21 +18,9 @@ from safecb.config import parse_config
 from safecb.controller import RunError, run
 from safecb.schemas import GENERATION_SCHEMA, PAIR_SCHEMA
 from safecb.storage import RunStore
-from tests_support import tiny_config
+from tests_support import comparable, tiny_config
 
-VOLATILE = {"seconds", "stage_seconds"}
-
-
-def comparable(store: RunStore) -> dict:
-    """Everything a run wrote that must not depend on being interrupted."""
-    out = {"metrics": [{k: v for k, v in row.items() if k not in VOLATILE} for row in store.read_metrics()],
-           # tensor bytes, not file bytes: the artifact's metadata carries a creation time
-           "codebooks": {v: hashlib.sha256(store.read_codebook(v)[0]["codebook"].numpy().tobytes()).hexdigest()
-                         for v in store.codebook_versions()}}
-    for it in store.manifest_iterations():
-        manifest = store.read_manifest(it)
-        out[f"iter{it}"] = {kind: [r.sha256 for r in records] for kind, records in manifest.shards.items()}
-    return out
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # one local Ray for every run here
 
 
 @pytest.fixture(scope="module")

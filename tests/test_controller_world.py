@@ -16,6 +16,8 @@ import pytest
 from safecb.config import load_config
 from safecb.controller import run
 
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # one local Ray for every run here
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from safecb.storage import RunStore
+
+VOLATILE = {"seconds", "stage_seconds"}  # metrics keys that measure time, not what was computed
 
 
 def tiny_config(tmp_path: Path, run_dir: Path, **overrides) -> dict:
@@ -41,3 +48,15 @@ def assert_one_line_failure(result, *needles: str) -> None:
     assert lines[0].startswith("safecb: error: ")
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+def comparable(store: "RunStore") -> dict:
+    """Everything a run wrote that must not depend on being interrupted."""
+    out = {"metrics": [{k: v for k, v in row.items() if k not in VOLATILE} for row in store.read_metrics()],
+           # tensor bytes, not file bytes: the artifact's metadata carries a creation time
+           "codebooks": {v: hashlib.sha256(store.read_codebook(v)[0]["codebook"].numpy().tobytes()).hexdigest()
+                         for v in store.codebook_versions()}}
+    for it in store.manifest_iterations():
+        manifest = store.read_manifest(it)
+        out[f"iter{it}"] = {kind: [r.sha256 for r in records] for kind, records in manifest.shards.items()}
+    return out

@@ -149,8 +149,12 @@ class CollectorPool:
 
         exhausted = False
         while True:
-            for index in range(len(self.actors)):
-                while not exhausted and index not in recovering and load[index] < self.cluster.max_in_flight_per_actor:
+            # Round-robin, one call per actor per pass: a short queue spreads over every actor
+            # instead of filling the first one up to its limit.
+            for depth in range(1, self.cluster.max_in_flight_per_actor + 1):
+                for index in range(len(self.actors)):
+                    if exhausted or index in recovering or load[index] >= depth:
+                        continue
                     task = next_task()
                     if task is None:
                         exhausted = not retry

@@ -33,6 +33,10 @@ def _model_location(config: ModelConfig) -> str:
 
 def load_model(config: ModelConfig, categories: list[str], seed: int = 0, batch_size: int | None = None) -> UnifiedModel:
     """The model of `config`. `batch_size`: the largest batch the caller generates (the GPU engine's shape)."""
+    if config.backend == "load-generator":  # scale and fault tests only: never evidence that Safe-CB works
+        from safecb.models.load_generator import LoadGenerator
+
+        return LoadGenerator(seed=seed)
     if config.backend == "tiny-random":
         from safecb.models.tiny import build_tiny_janus
 
@@ -50,8 +54,13 @@ def prompt_token_counter(config: ModelConfig, categories: list[str]) -> Callable
     """Token count of each prompt as generation feeds it to the model (format + begin-of-image token).
 
     Loads only the tokenizer (no weights), so the driver can check prompt lengths before any worker
-    starts. Counts as `JanusAdapter.generation_inputs` encodes, without the padding.
+    starts. Counts as `JanusAdapter.generation_inputs` encodes, without the padding. load-generator:
+    whitespace words + 2 (it has no tokenizer).
     """
+    if config.backend == "load-generator":
+        from safecb.models.load_generator import count_prompt_tokens
+
+        return count_prompt_tokens
     if config.backend == "tiny-random":
         from safecb.models.tiny import build_processor, build_word_tokenizer
 
@@ -88,11 +97,17 @@ def model_fingerprint(config: ModelConfig, categories: list[str] | None = None, 
     14 GB of a 7B checkpoint on every resume would take minutes (a rewritten shard changes its
     header, which sits in the first MiB). Object-store prefix: the listing's size and ETag/checksum
     of each object, nothing downloaded. tiny-random: its seed and categories (`categories`, `seed`:
-    as given to `load_model`). Files and folders whose name starts with "." are bookkeeping (our cache's
-    `.complete`, `.git`, `.cache/huggingface`), not the model, and are left out.
+    as given to `load_model`); load-generator: its settings (sizes, unsafe fraction, seed). Files and
+    folders whose name starts with "." are bookkeeping (our cache's `.complete`, `.git`,
+    `.cache/huggingface`), not the model, and are left out.
     """
     if config.backend == "tiny-random":
         tag = json.dumps({"backend": "tiny-random", "seed": seed, "words": _tiny_words(list(categories or []))})
+        return hashlib.sha256(tag.encode()).hexdigest()
+    if config.backend == "load-generator":
+        from safecb.models.load_generator import LoadGenerator
+
+        tag = json.dumps(LoadGenerator(seed=seed).settings(), sort_keys=True)
         return hashlib.sha256(tag.encode()).hexdigest()
     location = _model_location(config)
     if "://" in location and not location.startswith("file://"):

@@ -109,6 +109,33 @@ def test_judge_depends_on_the_image_and_is_differentiable(adapter):
     assert images.grad is not None and float(images.grad.abs().sum()) > 0
 
 
+def test_judge_runs_the_shared_prefix_once_and_agrees_with_full_sequences(adapter):
+    """The questions share the image prefix: running it once (and each question over its cache) must
+    give what B × C full sequences give, gradients included."""
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    categories = ["blood", "violence", "red circle"]
+    shared = adapter.judge(images, categories, QUESTION)
+    full = adapter._judge_unshared(images, categories, QUESTION)
+    assert shared.shape == full.shape == (3, 3)
+    assert torch.allclose(shared, full, atol=1e-5)
+    (grad_shared,) = torch.autograd.grad(shared.sum(), images)
+    (grad_full,) = torch.autograd.grad(full.sum(), images)
+    assert torch.allclose(grad_shared, grad_full, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: no CUDA device")
+def test_shared_prefix_judge_on_the_gpu_in_bf16(saved_folder):
+    """The same agreement on CUDA in bfloat16 (SDPA kernels, the cache on the device)."""
+    gpu = JanusAdapter.from_folder(saved_folder, device="cuda", dtype="bfloat16", engine="off")
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    categories = ["blood", "violence", "red circle"]
+    with torch.no_grad():
+        shared, full = gpu.judge(images, categories, QUESTION), gpu._judge_unshared(images, categories, QUESTION)
+    assert shared.device.type == "cuda" and shared.shape == (8, 3)
+    assert (shared - full).abs().max() < 2e-2  # bf16: different kernels sum in different orders
+
+
 def test_judge_resizes_other_image_sizes(adapter):
     probs = adapter.judge(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), ["blood"], QUESTION)
     assert probs.shape == (2, 1)
