@@ -26,8 +26,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     try:  # the Ray side's one-line errors (ray may be missing in a bare install of the CLI)
         from safecb.actors.pool import PoolError
         from safecb.cluster.ray_connect import ClusterError
+        from safecb.training.trainer import TrainerError
 
-        errors += [PoolError, ClusterError]
+        errors += [PoolError, ClusterError, TrainerError]
     except ImportError:
         pass
     return tuple(errors)

@@ -179,9 +179,9 @@ class FinetuneConfig(Section):
     # while the shards stream past (the lowest hashes of (prompt id, sample, role) win), so the
     # update's memory is bounded at a million prompts and the sample does not depend on read order.
     sample_size: int = Field(4096, ge=1)
-    # "torch": plain Adam in-process (fast start, the embedded default); "deepspeed": the same step
-    # run by a DeepSpeed engine (gloo on CPU, NCCL on GPUs), data-parallel when launched on several ranks.
-    backend: Literal["torch", "deepspeed"] = "torch"
+    # "deepspeed": the step run by a DeepSpeed engine in each trainer worker (gloo on CPU, NCCL on GPUs),
+    # data-parallel over trainer.num_workers; "torch": plain Adam (one trainer worker only).
+    backend: Literal["torch", "deepspeed"] = "deepspeed"
     # DeepSpeed ZeRO stage 0-2. Stage 3 partitions parameters, and the codebook is one (K, D) tensor
     # that every rank needs whole for the update projection; the frozen decoder is not trained here.
     zero_stage: int = Field(0, ge=0, le=2)
@@ -241,6 +241,19 @@ class ResourcesConfig(Section):
     threads: int | None = Field(None, ge=1)  # torch intra-op threads in each actor; None = cpus_per_worker
 
 
+class TrainerConfig(Section):
+    """The Ray Train workers of the codebook update. Execution only: 1 and N workers build the same codebook."""
+
+    num_workers: int = Field(1, ge=1)  # data-parallel ranks (DeepSpeed), each reading its slice of the shards
+    # The update runs while the collectors wait for it, on the same machines. A local Ray counts the
+    # trainer's CPUs on top of the machine's cores (the two never run at once); on a cluster, leave room
+    # for them. On GPUs give collectors and trainer a share of each GPU (e.g. 0.5 each).
+    cpus_per_worker: Positive = 1.0
+    gpus_per_worker: NonNegative = 0.0
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads per worker; None = resources.threads
+    max_failures: int = Field(2, ge=0)  # worker deaths Ray Train recovers from (resuming at the last checkpoint)
+
+
 class ClusterConfig(Section):
     """Where the Ray side runs. Execution only: a run may resume on another cluster shape."""
 
@@ -273,6 +286,13 @@ class RunConfig(Section):
     storage: StorageConfig = StorageConfig()
     resources: ResourcesConfig = ResourcesConfig()
     cluster: ClusterConfig = ClusterConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    @model_validator(mode="after")
+    def _data_parallel_needs_deepspeed(self) -> "RunConfig":
+        if self.trainer.num_workers > 1 and self.finetune.backend != "deepspeed":
+            raise ValueError("trainer.num_workers > 1 needs finetune.backend: deepspeed (it averages the ranks' gradients)")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -293,7 +313,7 @@ class RunConfig(Section):
 # Settings that change where and how fast a run executes, never what it computes: batch sizes (the
 # engine is batch-invariant, and the plain path draws each sample from its own seed), devices,
 # actor counts, the Ray address. Left out of the config hash so that a resume may change them.
-EXECUTION_KEYS = ("storage", "resources", "cluster", "model.device", "model.engine.enabled",
+EXECUTION_KEYS = ("storage", "resources", "cluster", "trainer", "model.device", "model.engine.enabled",
                   "model.engine.max_batch", "generation.batch_size", "judge.batch_size")
 
 

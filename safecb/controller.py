@@ -27,7 +27,7 @@ from rich.table import Table
 from safecb.config import RunConfig, parse_config
 from safecb.prompts import SnapshotInfo, prompt_content_hash, snapshot_prompts
 from safecb.schemas import SCHEMA_VERSION, CodebookArtifact, Manifest, ShardRecord
-from safecb.storage import RunStore
+from safecb.storage import RunStore, StorageError
 from safecb.training.stop import stop_decision
 
 CURRENT_CODEBOOK = "codebooks/CURRENT.json"  # kept in step with safecb.actors.collector
@@ -138,7 +138,7 @@ class Controller:
         from safecb.actors.pool import CollectorPool
         from safecb.cluster.ray_connect import ray_session
 
-        with ray_session(self.config.cluster):
+        with ray_session(self.config):
             with self.timed("start actors"):
                 self.console.print(f"starting {self.config.resources.num_workers} collector actor(s)")
                 self.pool = CollectorPool(self.config, self.config.storage.run_dir, self.config.storage.options)
@@ -245,7 +245,7 @@ class Controller:
         return {kind: [committed[kind][i] for i in range(total)] for kind in kinds}
 
     def _build_codebook(self, iteration: int, shards: dict[str, list[ShardRecord]]) -> CodebookArtifact:
-        """v(iteration) from the iteration's shards, built on an actor; a complete artifact of an
+        """v(iteration) from the iteration's shards, built by the trainer; a complete artifact of an
         interrupted attempt is reused (the update is deterministic)."""
         if iteration in self.store.codebook_versions():
             try:
@@ -254,13 +254,18 @@ class Controller:
                     return artifact
             except Exception:  # noqa: BLE001 - a torn artifact is rebuilt
                 pass
+        from safecb.training.trainer import train_codebook
+
         template = CodebookArtifact(version=iteration, parent_version=iteration - 1, iteration=iteration,
                                     created_at=_now(), config_hash=self.config_hash, git_rev=self.git_rev)
-        written = self.pool.call("build_codebook", iteration, shards["generations"], shards["pairs"], template)
-        _, artifact = self.store.read_codebook_bytes(iteration)
-        if artifact.sha256 != written.sha256:
-            raise RunError(f"codebooks/v{iteration:04d}: the trainer wrote sha256 {written.sha256[:12]}.. but storage "
-                           f"holds {artifact.sha256[:12]}..")
+        train_codebook(self.config, self.store, iteration, shards["generations"], shards["pairs"], template)
+        try:  # the artifact must verify (sha256, embedded version) and be the child of v(t-1) of this run
+            _, artifact = self.store.read_codebook_bytes(iteration)
+        except StorageError as err:
+            raise RunError(f"trainer result refused: {err}") from None
+        if (artifact.parent_version, artifact.iteration, artifact.config_hash) != (iteration - 1, iteration, self.config_hash):
+            raise RunError(f"codebooks/v{iteration:04d}: parent {artifact.parent_version}, iteration {artifact.iteration}, "
+                           f"config {artifact.config_hash}: expected {iteration - 1}, {iteration}, {self.config_hash}")
         return artifact
 
     # ---- evaluation --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -281,6 +282,22 @@ class UpdateStatistics:
                                    ["pair"] * table.num_rows)
         self.harm.add(priority, harm, safe)
 
+    def all_reduce(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+                   gather: Callable[[object], list]) -> None:
+        """Make every rank's statistics the whole iteration's: sums added over ranks, the samples merged
+        (the lowest priorities of all ranks' lowest — what one rank reading every shard would keep)."""
+        for name in ("hard_harm", "hard_safe", "soft_harm", "soft_safe", "gram"):
+            setattr(self, name, reduce_sum(getattr(self, name)))
+        counts = reduce_sum(torch.tensor([self.num_differences, self.pairs, self.aligned_pairs, self.judged],
+                                         dtype=torch.float64))
+        self.num_differences, self.pairs, self.aligned_pairs, self.judged = (int(c) for c in counts.tolist())
+        for sample in (self.keep, self.harm):
+            parts = gather((sample.priority, sample.rows))
+            merged = BottomK(sample.size)
+            for priority, rows in parts:
+                merged.add(priority, *rows)
+            sample.priority, sample.rows = merged.priority, merged.rows
+
     def add_generations(self, table: pa.Table) -> None:
         tokens = token_matrix(table.column("tokens"), self.num_tokens)  # (M, N)
         unsafe = torch.tensor(table.column("unsafe").to_pylist(), dtype=torch.bool)  # (M,)
@@ -304,12 +321,15 @@ class CodebookUpdate:
 
 
 def update_codebook(model: UnifiedModel, codebook: torch.Tensor, codebook_v0: torch.Tensor, stats: UpdateStatistics,
-                    config: RunConfig) -> CodebookUpdate:
+                    config: RunConfig, *, rank: int = 0, world: int = 1,
+                    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    resume: dict | None = None, on_check: Callable[[dict], None] | None = None) -> CodebookUpdate:
     """Harmful Space → projection → fine-tuning, from one iteration's statistics (`UpdateStatistics`).
 
     The space comes from the summed Gram matrix of aligned (same-seed rewrite) differences; harm
     scores from pair grids vs safe images (`evidence: pairs`) or every judged image weighted by the
-    self-judge (`soft`); fine-tuning from the bounded samples of safe images and pairs.
+    self-judge (`soft`); fine-tuning from the bounded samples of safe images and pairs, on the model's
+    device, data-parallel over `world` ranks when the statistics were all-reduced (`finetune_codebook`).
     """
     hs, proj, ft = config.harmful_space, config.projection, config.finetune
     num_codes = codebook.shape[0]
@@ -333,6 +353,7 @@ def update_codebook(model: UnifiedModel, codebook: torch.Tensor, codebook_v0: to
     (keep_tokens,) = stats.keep.tensors(no_grid)
     harm_tokens, safe_tokens = stats.harm.tensors(no_grid, no_grid)
     if ft.enabled and ft.steps > 0 and keep_tokens.shape[0] > 0 and space.rank > 0:
+        device = getattr(model, "device", torch.device("cpu"))
         with torch.no_grad():
             keep_targets = _decode_batched(model, keep_tokens, codebook_v0)
             harm_targets = _decode_batched(model, safe_tokens, codebook_v0) if ft.harm_target == "pair" else None
@@ -346,12 +367,13 @@ def update_codebook(model: UnifiedModel, codebook: torch.Tensor, codebook_v0: to
             def harm_fn(images: torch.Tensor) -> torch.Tensor:
                 return model.judge(images, config.categories, config.judge.question).max(dim=-1).values
         result = finetune_codebook(
-            model.decode, projected, keep_tokens, keep_targets, harm_tokens, harm_targets, space,
+            model.decode, projected.to(device), keep_tokens, keep_targets, harm_tokens, harm_targets, space,
             adaptive_step_scale(scores.score, scores.harmful, ft.adaptive_beta),
             steps=ft.steps, lr=ft.lr, lambda_harm=ft.lambda_harm, lambda_reg=ft.lambda_reg, batch_size=ft.batch_size,
             quality_budget=ft.quality_budget, holdout_fraction=ft.holdout_fraction, harm_fn=harm_fn, seed=config.seed,
-            make_stepper=make_stepper, check_every=ft.check_every)
-        new = result.codebook.detach()
+            make_stepper=make_stepper, check_every=ft.check_every, rank=rank, world=world,
+            all_reduce_sum=all_reduce_sum, resume=resume, on_check=on_check)
+        new = result.codebook.detach().cpu()
         last = result.history[-1] if result.history else {}
         report.update({"finetune_steps": result.steps_run, "finetune_stopped_early": result.stopped_early,
                        "finetune_holdout_drift": round(result.holdout_drift, 6),

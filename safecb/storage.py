@@ -214,6 +214,15 @@ class RunStore:
     # ------------------------------------------------------------------ basics
 
     @property
+    def is_local(self) -> bool:
+        return self._is_local
+
+    @property
+    def root(self) -> str:
+        """The root path as the filesystem (`self.fs`) names it (no protocol, no credentials)."""
+        return self._root
+
+    @property
     def url(self) -> str:
         """Root URL with any credentials stripped."""
         return self._url

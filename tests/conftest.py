@@ -109,11 +109,12 @@ def run_url(request, tmp_path):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray (2 CPUs, like CI) for the whole session: the loop reuses a Ray it finds running,
-    so each test pays for its actors' model loads, not for starting Ray (~5 s)."""
+    """One local Ray for the whole session: the loop reuses a Ray it finds running, so each test pays
+    for its actors' model loads, not for starting Ray (~5 s). 2 cores like CI, counted as the loop
+    counts them (`local_cpus`): up to two collectors plus one trainer worker, which never run at once."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()

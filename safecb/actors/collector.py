@@ -20,10 +20,9 @@ import torch
 
 from safecb.config import parse_config
 from safecb.prompts import read_prompt_range
-from safecb.schemas import GENERATION_SCHEMA, PAIR_SCHEMA, CodebookArtifact, ShardRecord, table_from_rows
+from safecb.schemas import GENERATION_SCHEMA, PAIR_SCHEMA, ShardRecord, table_from_rows
 from safecb.schemas.codebook import codebook_from_bytes
-from safecb.stages import (UpdateStatistics, collect_shard, eval_jobs, evaluate_tokens, generate_eval_tokens,
-                           token_matrix, update_codebook)
+from safecb.stages import collect_shard, eval_jobs, evaluate_tokens, generate_eval_tokens, token_matrix
 from safecb.storage import RunStore
 
 CURRENT_CODEBOOK = "codebooks/CURRENT.json"  # {"version", "sha256"}: the version actors must serve
@@ -160,23 +159,6 @@ class Collector:
                 raise ValueError(f"{task.eval_tokens.path}: holds {tokens.shape[0]} eval images, expected {len(jobs)}")
         rows, stats = evaluate_tokens(self.model, jobs, tokens, self.config, task.iteration, self.external)
         return ShardResult(task, {"eval": self._write(task, "eval", table_from_rows(GENERATION_SCHEMA, rows), stats)})
-
-    def build_codebook(self, iteration: int, generations: list[ShardRecord], pairs: list[ShardRecord],
-                       artifact: CodebookArtifact) -> CodebookArtifact:
-        """v(iteration) from the iteration's committed shards, read one at a time; writes the artifact.
-
-        `artifact` carries the version, parent and provenance; its params are filled with the update's report.
-        """
-        parent = self.store.read_codebook(artifact.parent_version or 0)[0]["codebook"]
-        codebook_v0 = self.store.read_codebook(0)[0]["codebook"]
-        stats = UpdateStatistics(parent, self.model.num_image_tokens, self.config)
-        for table in self.store.iter_shard_tables(pairs, PAIR_SCHEMA):
-            stats.add_pairs(table)
-        for table in self.store.iter_shard_tables(generations, GENERATION_SCHEMA):
-            stats.add_generations(table)
-        update = update_codebook(self.model, parent, codebook_v0, stats, self.config)
-        artifact = artifact.model_copy(update={"params": update.report})
-        return self.store.write_codebook({"codebook": update.codebook.detach().float().contiguous()}, artifact)
 
     def _write(self, task: ShardTask, kind: str, table, stats: dict) -> ShardRecord:
         return self.store.write_attempt(task.iteration, kind, task.index, table, task.attempt, actor=self.name,

@@ -12,27 +12,39 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from safecb.config import ClusterConfig
+from safecb.config import RunConfig
 
 
 class ClusterError(RuntimeError):
     """Ray could not be reached or started. One line."""
 
 
+def local_cpus(config: RunConfig) -> int:
+    """Logical CPUs of the local Ray: the machine's cores, plus the trainer workers' reservation. The
+    trainer runs only while the collectors wait for it, so its CPUs are not used twice; without them
+    the collectors' reservation would leave the trainer unschedulable on a small machine."""
+    cores = config.cluster.num_cpus or os.cpu_count() or 1
+    return int(cores + -(-config.trainer.num_workers * config.trainer.cpus_per_worker // 1))
+
+
 @contextmanager
-def ray_session(cluster: ClusterConfig) -> Iterator[None]:
+def ray_session(config: RunConfig) -> Iterator[None]:
     import ray
 
+    cluster = config.cluster
     if ray.is_initialized():
         yield
         return
     # Quiet by default: our own progress bars say what happens; Ray's banner and per-worker
     # deduplication notices do not help a user of `safecb run`.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    # log_to_driver off: actors and Ray Train workers report through return values and exceptions (each
+    # failure ends the run with one line); their own chatter (weight-loading bars, Ray Train banners)
+    # would bury the progress bars. Their logs stay in the Ray session folder (/tmp/ray/session_latest/logs).
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
     try:
         if cluster.address is None:
-            ray.init(num_cpus=cluster.num_cpus, include_dashboard=False, **kwargs)
+            ray.init(num_cpus=local_cpus(config), include_dashboard=False, **kwargs)
         else:
             ray.init(address=cluster.address, **kwargs)
     except Exception as err:  # noqa: BLE001 - any failure to connect is one line

@@ -142,6 +142,12 @@ class DeepSpeedStepper:
     def step(self) -> None:
         self.engine.step()
 
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
 
 _ZERO3_MESSAGE = ("ZeRO-3 partitions the codebook and gathers it only inside a module forward, but finetune_codebook "
                   "reads the bare parameter (its gradient comes back empty); use zero_stage 0, 1 or 2 — the codebook "

@@ -29,6 +29,10 @@ class Stepper(Protocol):
 
     def step(self) -> None: ...
 
+    def state_dict(self) -> dict: ...  # the optimiser's state, for a checkpoint
+
+    def load_state_dict(self, state: dict) -> None: ...
+
 
 class TorchAdam:
     def __init__(self, param: torch.nn.Parameter, lr: float):
@@ -40,6 +44,12 @@ class TorchAdam:
 
     def step(self) -> None:
         self.optimizer.step()
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
 
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens (B, N), codebook (K, D)) → (B, 3, H, W)
@@ -86,13 +96,31 @@ def finetune_codebook(
     on_step: Callable[[int, dict], None] | None = None,
     make_stepper: Callable[[torch.nn.Parameter, float], Stepper] = TorchAdam,
     check_every: int = 1,
+    rank: int = 0,
+    world: int = 1,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    resume: dict | None = None,
+    on_check: Callable[[dict], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune the codebook; returns the best state within the quality budget.
 
     keep_tokens (S, N) with keep_targets (S, 3, H, W): safe images and their v_0 decodes.
     harm_tokens (P, N) with harm_targets (P, 3, H, W): harmful grids and their paired safe v_0 decodes
     (harm_targets None and harm_fn given: the "judge" target). space.basis (D, r). step_scale (K,).
+
+    Data parallel (`world` ranks, a stepper that averages gradients over them, e.g. DeepSpeed): every
+    rank holds the same inputs and draws the same global batch from the same seed, and computes the
+    loss of rows rank::world only, scaled by world × (its rows ÷ the batch's rows). The averaged
+    gradient is then exactly the one-rank gradient of the whole batch, so 1 and N ranks give the
+    same codebook (up to float summation order). The held-out loss is summed over ranks
+    (`all_reduce_sum`), so every rank takes the same early-stop decision and none leaves a
+    collective early.
+
+    Checkpoints: at every held-out check `on_check(state)` gets everything needed to go on (step,
+    codebook, best state, RNG, optimiser state); `resume=state` continues from there exactly.
     """
+    if world > 1 and all_reduce_sum is None:
+        raise ValueError("finetune_codebook: world > 1 needs all_reduce_sum (the early stop must be agreed)")
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(keep_tokens.shape[0], generator=generator)
     n_hold = max(1, int(round(holdout_fraction * keep_tokens.shape[0]))) if keep_tokens.shape[0] > 1 else 0
@@ -103,29 +131,52 @@ def finetune_codebook(
     codebook = torch.nn.Parameter(codebook_proj.detach().clone())
     anchor = codebook_proj.detach()
     stepper = make_stepper(codebook, lr)
-    scale = step_scale.to(codebook.dtype)[:, None]  # (K, 1)
+    scale = step_scale.to(codebook.device, codebook.dtype)[:, None]  # (K, 1)
+    basis = space.basis.to(codebook.device, codebook.dtype)  # (D, r)
 
     def holdout_loss() -> float:
         if n_hold == 0:
             return 0.0
+        mine = hold_idx[rank::world]
         with torch.no_grad():
-            return float(F.mse_loss(decode(keep_tokens[hold_idx], codebook), keep_targets[hold_idx]))
+            total = torch.zeros((), dtype=torch.float64)
+            if mine.numel():
+                decoded = decode(keep_tokens[mine], codebook)  # (h, 3, H, W)
+                total = (decoded.float() - keep_targets[mine].float().to(decoded.device)).square().mean(
+                    dim=tuple(range(1, decoded.dim()))).sum().double().cpu()
+            if all_reduce_sum is not None:
+                total = all_reduce_sum(total)
+            return float(total) / n_hold
 
-    start = holdout_loss()
+    def part_loss(images: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        """This rank's share of a batch of `rows`: per-row MSE summed, × world ÷ rows (see the docstring)."""
+        per_row = (images.float() - targets.float().to(images.device)).square().mean(dim=tuple(range(1, images.dim())))
+        return per_row.sum() * (world / rows)
+
+    start = holdout_loss() if resume is None else resume["start"]
     best, best_drift = codebook.detach().clone(), 0.0
     history: list[dict] = []
     stopped_early, steps_run = False, 0
-    for step in range(steps):
+    if resume is not None:
+        with torch.no_grad():
+            codebook.copy_(resume["codebook"].to(codebook.device))
+        best, best_drift, history = resume["best"].to(codebook.device), resume["best_drift"], list(resume["history"])
+        steps_run = resume["step"]
+        generator.set_state(resume["generator"])
+        stepper.load_state_dict(resume["optimizer"])
+    for step in range(steps_run, steps):
         keep_batch = train_idx[torch.randint(len(train_idx), (min(batch_size, len(train_idx)),), generator=generator)]
-        loss_keep = F.mse_loss(decode(keep_tokens[keep_batch], codebook), keep_targets[keep_batch])
-        loss_harm = torch.zeros((), dtype=loss_keep.dtype)
+        mine = keep_batch[rank::world]  # this rank's rows of the global batch (may be empty)
+        loss_keep = part_loss(decode(keep_tokens[mine], codebook), keep_targets[mine], len(keep_batch))
+        loss_harm = torch.zeros((), dtype=loss_keep.dtype, device=loss_keep.device)
         if harm_tokens.shape[0] > 0 and lambda_harm > 0:
             harm_batch = torch.randint(harm_tokens.shape[0], (min(batch_size, harm_tokens.shape[0]),), generator=generator)
-            harm_images = decode(harm_tokens[harm_batch], codebook)  # (b, 3, H, W)
+            mine = harm_batch[rank::world]
+            harm_images = decode(harm_tokens[mine], codebook)  # (b, 3, H, W)
             if harm_targets is not None:
-                loss_harm = F.mse_loss(harm_images, harm_targets[harm_batch])
+                loss_harm = part_loss(harm_images, harm_targets[mine], len(harm_batch))
             elif harm_fn is not None:
-                loss_harm = harm_fn(harm_images).mean()
+                loss_harm = harm_fn(harm_images).sum() * (world / len(harm_batch))
         loss_reg = (codebook - anchor).square().sum(-1).mean()
         loss = loss_keep + lambda_harm * loss_harm + lambda_reg * loss_reg
 
@@ -134,7 +185,7 @@ def finetune_codebook(
         stepper.step()
         with torch.no_grad():  # the update, projected out of the Harmful Space, scaled per code
             delta = codebook - before  # (K, D)
-            codebook.copy_(before + scale * space.project_out(delta))
+            codebook.copy_(before + scale * (delta - (delta @ basis) @ basis.T))
         steps_run = step + 1
 
         checking = steps_run % check_every == 0 or steps_run == steps
@@ -149,4 +200,8 @@ def finetune_codebook(
                 stopped_early = True
                 break
             best, best_drift = codebook.detach().clone(), drift
+            if on_check is not None:
+                on_check({"step": steps_run, "codebook": codebook.detach().cpu().clone(), "best": best.cpu(),
+                          "best_drift": best_drift, "start": start, "generator": generator.get_state(),
+                          "optimizer": stepper.state_dict(), "history": history})
     return FinetuneResult(best, steps_run, stopped_early, best_drift, history)
