@@ -1,0 +1,147 @@
+"""The codebook trainer (Ray Train + DeepSpeed) on one GPU, against the same update on the CPU.
+
+    PYTHONPATH=. python benchmarks/train_gpu.py [--out benchmarks/results/train-h200.json]
+
+1. The embedded default (`configs/tiny.yaml`, the world model) for two iterations on the GPU, with
+   `finetune.backend: deepspeed`: one collector and one trainer worker sharing the GPU (0.5 each).
+2. The update of that run's iteration 1 rebuilt from the same committed shards twice — on the GPU
+   in bfloat16 and on the CPU in float32 — and the codebooks compared (`codebook_max_abs_diff`).
+   `pairs_per_s`: pairs of the iteration ÷ the trainer's wall time on the GPU (1 worker, fit included).
+3. `configs/janus-pro-1b.yaml`, two iterations, on a Janus-Pro-1B-shaped folder with random weights
+   built in code (small prompt files written here; every stage's seconds recorded).
+Results are written after each part, so a cut-short run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def save(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def world_on_gpu(work: Path) -> tuple[dict, Path]:
+    from safecb.config import load_config
+    from safecb.controller import run
+
+    run_dir = work / "world"
+    config = load_config(ROOT / "configs" / "tiny.yaml", {
+        "storage.run_dir": str(run_dir), "model.device": "cuda", "model.dtype": "bfloat16", "stop.max_iters": 2, "stop.patience": 5,
+        "stop.min_improvement": 0.0, "finetune.backend": "deepspeed", "resources.gpus_per_worker": 0.5,
+        "trainer.gpus_per_worker": 0.5})
+    start = time.perf_counter()
+    metrics = run(config)
+    keys = ("iteration", "pairs", "unsafe_rate_self", "unsafe_rate_external", "unsafe_rate_external_separable",
+            "unsafe_rate_external_entangled", "fidelity", "space_rank", "finetune_steps", "seconds", "stage_seconds")
+    return {"world_gpu_wall_s": round(time.perf_counter() - start, 1),
+            "world_gpu_metrics": [{k: m.get(k) for k in keys} for m in metrics]}, run_dir
+
+
+def gpu_vs_cpu(run_dir: Path, work: Path) -> dict:
+    """Rebuild v1 from the run's iteration-1 shards on the GPU (bf16) and on the CPU (fp32)."""
+    import yaml
+
+    from safecb.cluster.ray_connect import ray_session
+    from safecb.config import parse_config
+    from safecb.schemas import CodebookArtifact
+    from safecb.storage import RunStore
+    from safecb.training.trainer import train_codebook
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    out, codebooks = {}, {}
+    for name, overrides in (("gpu_bf16", {"device": "cuda", "dtype": "bfloat16", "gpus": 1.0}),
+                            ("cpu_fp32", {"device": "cpu", "dtype": "float32", "gpus": 0.0})):
+        copy = work / f"rebuild-{name}"
+        shutil.copytree(run_dir, copy)
+        for leftover in ("codebooks/v0001.safetensors", "codebooks/v0001.json"):
+            (copy / leftover).unlink()
+        shutil.rmtree(copy / "trainer", ignore_errors=True)  # else Ray Train restores the finished fit
+        data = {**saved, "storage": {"run_dir": str(copy), "options": {}}}
+        data["model"] = {**data["model"], "device": overrides["device"], "dtype": overrides["dtype"]}
+        data["trainer"] = {**data.get("trainer", {}), "gpus_per_worker": overrides["gpus"], "num_workers": 1}
+        config = parse_config(data)
+        store = RunStore(str(copy))
+        manifest = store.read_manifest(1)
+        template = CodebookArtifact(version=1, parent_version=0, iteration=1, created_at="bench",
+                                    config_hash=config.config_hash())
+        with ray_session(config):
+            start = time.perf_counter()
+            train_codebook(config, store, 1, manifest.shards["generations"], manifest.shards["pairs"], template)
+            seconds = time.perf_counter() - start
+        tensors, artifact = store.read_codebook(1)
+        codebooks[name] = tensors["codebook"]
+        out[f"train_s_{name}"] = round(seconds, 2)
+        out[f"report_{name}"] = {k: artifact.params.get(k) for k in ("pairs", "space_rank", "harmful_codes",
+                                                                      "finetune_steps", "finetune_stopped_early")}
+    pairs = out["report_gpu_bf16"]["pairs"] or 0
+    out["codebook_max_abs_diff"] = float((codebooks["gpu_bf16"] - codebooks["cpu_fp32"]).abs().max())
+    out["codebook_max_abs"] = float(codebooks["cpu_fp32"].abs().max())
+    out["pairs_per_s"] = round(pairs / out["train_s_gpu_bf16"], 2)
+    return out
+
+
+def janus_1b(work: Path) -> dict:
+    from collect_gpu import build_folder, prompt_lines
+
+    from safecb.config import load_config
+    from safecb.controller import run
+
+    folder = work / "janus-1b"
+    start = time.perf_counter()
+    build_folder(folder)
+    built = time.perf_counter() - start
+    files = {}
+    for name, count, salt in (("train", 128, 0), ("eval_unsafe", 32, 1), ("eval_benign", 32, 2)):
+        files[name] = work / f"{name}.txt"
+        files[name].write_text("\n".join(prompt_lines(count, salt)) + "\n")
+    config = load_config(ROOT / "configs" / "janus-pro-1b.yaml", {
+        "storage.run_dir": str(work / "janus-run"), "model.path": str(folder),
+        "prompts.train.path": str(files["train"]), "prompts.eval_unsafe.path": str(files["eval_unsafe"]),
+        "prompts.eval_benign.path": str(files["eval_benign"]), "stop.max_iters": 2, "stop.patience": 5,
+        "stop.min_improvement": 0.0, "generation.batch_size": 64, "generation.prompts_per_shard": 64})
+    start = time.perf_counter()
+    metrics = run(config)
+    return {"janus_1b_folder_build_s": round(built, 1), "janus_1b_wall_s": round(time.perf_counter() - start, 1),
+            "janus_1b_metrics": [{k: m.get(k) for k in ("iteration", "pairs", "collect_unsafe_rate", "unsafe_rate_self",
+                                                       "space_rank", "finetune_steps", "seconds", "stage_seconds")}
+                                 for m in metrics]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train-h200.json"))
+    parser.add_argument("--parts", default="world,compare,janus")
+    args = parser.parse_args(argv)
+    out, result = Path(args.out), {}
+    work = Path(tempfile.mkdtemp(prefix="safecb-train-gpu-"))
+    parts = args.parts.split(",")
+    if "world" in parts or "compare" in parts:
+        world, run_dir = world_on_gpu(work)
+        result.update(world)
+        save(out, result)
+        print(json.dumps(world), flush=True)
+        if "compare" in parts:
+            result.update(gpu_vs_cpu(run_dir, work))
+            save(out, result)
+            print(json.dumps({k: v for k, v in result.items() if not k.startswith("world")}), flush=True)
+    if "janus" in parts:
+        result.update(janus_1b(work))
+        save(out, result)
+        print(json.dumps({k: v for k, v in result.items() if k.startswith("janus")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
