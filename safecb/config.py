@@ -179,6 +179,9 @@ class FinetuneConfig(Section):
     # while the shards stream past (the lowest hashes of (prompt id, sample, role) win), so the
     # update's memory is bounded at a million prompts and the sample does not depend on read order.
     sample_size: int = Field(4096, ge=1)
+    # Rows per gradient piece: the batch is cut into fixed pieces whose gradients are added in order,
+    # so 1 and N trainer workers take identical steps (finetune_codebook). Not an execution setting.
+    micro_batch: int = Field(8, ge=1)
     # "deepspeed": the step run by a DeepSpeed engine in each trainer worker (gloo on CPU, NCCL on GPUs),
     # data-parallel over trainer.num_workers; "torch": plain Adam (one trainer worker only).
     backend: Literal["torch", "deepspeed"] = "deepspeed"

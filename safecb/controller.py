@@ -201,8 +201,10 @@ class Controller:
         self._broadcast(iteration)
         state.version = iteration
         collected = [sum(r.stats.get("collect", [0, 0])[i] for r in shards["generations"]) for i in (0, 1)]
+        # How the trainer ran (workers, a resume) is execution, not result: it stays in the artifact.
+        made = {k: v for k, v in artifact.params.items() if k not in ("trainer_workers", "resumed_from_step")}
         self._finish_iteration(state, iteration, shards, {
-            **artifact.params, "collect_unsafe_rate": round(collected[0] / max(1, collected[1]), 4),
+            **made, "collect_unsafe_rate": round(collected[0] / max(1, collected[1]), 4),
             "collect_images": collected[1]})
 
     def _tasks(self, iteration: int, kind: str, rows: int, skip: set[int], eval_tokens: dict[int, ShardRecord] | None):

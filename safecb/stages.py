@@ -372,7 +372,7 @@ def update_codebook(model: UnifiedModel, codebook: torch.Tensor, codebook_v0: to
             steps=ft.steps, lr=ft.lr, lambda_harm=ft.lambda_harm, lambda_reg=ft.lambda_reg, batch_size=ft.batch_size,
             quality_budget=ft.quality_budget, holdout_fraction=ft.holdout_fraction, harm_fn=harm_fn, seed=config.seed,
             make_stepper=make_stepper, check_every=ft.check_every, rank=rank, world=world,
-            all_reduce_sum=all_reduce_sum, resume=resume, on_check=on_check)
+            all_reduce_sum=all_reduce_sum, resume=resume, on_check=on_check, micro_batch=ft.micro_batch)
         new = result.codebook.detach().cpu()
         last = result.history[-1] if result.history else {}
         report.update({"finetune_steps": result.steps_run, "finetune_stopped_early": result.stopped_early,

@@ -82,6 +82,9 @@ class CollectorPool:
             return ray.get(refs, timeout=self.cluster.startup_timeout_s)
         except RayTaskError as err:
             raise PoolError(f"collector actors failed to {what}: {_cause(err)}") from None
+        except RayActorError as err:  # a constructor that raised: Ray's message ends with our one line
+            last = [line for line in str(err).splitlines() if line.strip()]
+            raise PoolError(f"collector actors failed to {what}: {last[-1].strip() if last else type(err).__name__}") from None
         except GetTimeoutError:
             raise PoolError(f"collector actors did not {what} within {self.cluster.startup_timeout_s:.0f} s") from None
 

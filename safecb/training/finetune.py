@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from safecb.training.harmful_space import HarmfulSpace
 
@@ -101,6 +100,7 @@ def finetune_codebook(
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
     resume: dict | None = None,
     on_check: Callable[[dict], None] | None = None,
+    micro_batch: int = 8,
 ) -> FinetuneResult:
     """Fine-tune the codebook; returns the best state within the quality budget.
 
@@ -109,12 +109,12 @@ def finetune_codebook(
     (harm_targets None and harm_fn given: the "judge" target). space.basis (D, r). step_scale (K,).
 
     Data parallel (`world` ranks, a stepper that averages gradients over them, e.g. DeepSpeed): every
-    rank holds the same inputs and draws the same global batch from the same seed, and computes the
-    loss of rows rank::world only, scaled by world × (its rows ÷ the batch's rows). The averaged
-    gradient is then exactly the one-rank gradient of the whole batch, so 1 and N ranks give the
-    same codebook (up to float summation order). The held-out loss is summed over ranks
-    (`all_reduce_sum`), so every rank takes the same early-stop decision and none leaves a
-    collective early.
+    rank holds the same inputs and draws the same global batch from the same seed; the batch is cut
+    into fixed pieces of `micro_batch` rows, rank r computes the gradients of pieces r::world, the
+    pieces' gradients are summed over ranks (`all_reduce_sum`) and added in piece order — so every
+    rank, whatever their number, steps with the same gradient and 1 and N ranks build the same
+    codebook. The held-out loss is summed over ranks too, so every rank takes the same early-stop
+    decision and none leaves a collective early.
 
     Checkpoints: at every held-out check `on_check(state)` gets everything needed to go on (step,
     codebook, best state, RNG, optimiser state); `resume=state` continues from there exactly.
@@ -148,10 +148,9 @@ def finetune_codebook(
                 total = all_reduce_sum(total)
             return float(total) / n_hold
 
-    def part_loss(images: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
-        """This rank's share of a batch of `rows`: per-row MSE summed, × world ÷ rows (see the docstring)."""
-        per_row = (images.float() - targets.float().to(images.device)).square().mean(dim=tuple(range(1, images.dim())))
-        return per_row.sum() * (world / rows)
+    def row_mse(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(b,) mean squared error per row."""
+        return (images.float() - targets.float().to(images.device)).square().mean(dim=tuple(range(1, images.dim())))
 
     start = holdout_loss() if resume is None else resume["start"]
     best, best_drift = codebook.detach().clone(), 0.0
@@ -166,22 +165,41 @@ def finetune_codebook(
         stepper.load_state_dict(resume["optimizer"])
     for step in range(steps_run, steps):
         keep_batch = train_idx[torch.randint(len(train_idx), (min(batch_size, len(train_idx)),), generator=generator)]
-        mine = keep_batch[rank::world]  # this rank's rows of the global batch (may be empty)
-        loss_keep = part_loss(decode(keep_tokens[mine], codebook), keep_targets[mine], len(keep_batch))
-        loss_harm = torch.zeros((), dtype=loss_keep.dtype, device=loss_keep.device)
+        # The global batch in fixed pieces of `micro_batch` rows, whatever the number of ranks; each rank
+        # computes the gradients of pieces rank::world, and every rank adds all pieces' gradients in
+        # piece order. The sum is then bit-identical for 1 and N ranks (a per-rank partial sum would
+        # round differently, and Adam turns last-bit differences of near-zero gradients into full steps).
+        pieces = [("keep", keep_batch[i:i + micro_batch]) for i in range(0, len(keep_batch), micro_batch)]
         if harm_tokens.shape[0] > 0 and lambda_harm > 0:
             harm_batch = torch.randint(harm_tokens.shape[0], (min(batch_size, harm_tokens.shape[0]),), generator=generator)
-            mine = harm_batch[rank::world]
-            harm_images = decode(harm_tokens[mine], codebook)  # (b, 3, H, W)
-            if harm_targets is not None:
-                loss_harm = part_loss(harm_images, harm_targets[mine], len(harm_batch))
-            elif harm_fn is not None:
-                loss_harm = harm_fn(harm_images).sum() * (world / len(harm_batch))
+            pieces += [("harm", harm_batch[i:i + micro_batch]) for i in range(0, len(harm_batch), micro_batch)]
+        grads = torch.zeros(len(pieces), *codebook.shape, dtype=codebook.dtype, device=codebook.device)
+        losses = torch.zeros(len(pieces), dtype=torch.float64)
+        for j in range(rank, len(pieces), world):
+            kind, rows = pieces[j]
+            if kind == "keep":
+                piece = row_mse(decode(keep_tokens[rows], codebook), keep_targets[rows]).sum() / len(keep_batch)
+            else:
+                images = decode(harm_tokens[rows], codebook)  # (b, 3, H, W)
+                per_row = row_mse(images, harm_targets[rows]) if harm_targets is not None else harm_fn(images)
+                piece = per_row.sum() / len(harm_batch)
+            weight = 1.0 if kind == "keep" else lambda_harm
+            (grads[j],) = torch.autograd.grad(weight * piece, codebook)
+            losses[j] = float(piece.detach())
+        if all_reduce_sum is not None:  # each piece is non-zero on one rank only: x + 0 is exact
+            grads, losses = all_reduce_sum(grads), all_reduce_sum(losses)
         loss_reg = (codebook - anchor).square().sum(-1).mean()
-        loss = loss_keep + lambda_harm * loss_harm + lambda_reg * loss_reg
+        (total,) = torch.autograd.grad(lambda_reg * loss_reg, codebook)
+        for j in range(len(pieces)):  # fixed order
+            total = total + grads[j]
+        loss_keep = sum(float(losses[j]) for j, (kind, _) in enumerate(pieces) if kind == "keep")
+        loss_harm = sum(float(losses[j]) for j, (kind, _) in enumerate(pieces) if kind == "harm")
+        loss = loss_keep + lambda_harm * loss_harm + lambda_reg * float(loss_reg)
 
         before = codebook.detach().clone()
-        stepper.backward(loss)
+        # A surrogate whose gradient is exactly `total`: the stepper (DeepSpeed averages identical
+        # gradients over ranks) sees the same gradient on every rank.
+        stepper.backward((codebook * total.detach()).sum())
         stepper.step()
         with torch.no_grad():  # the update, projected out of the Harmful Space, scaled per code
             delta = codebook - before  # (K, D)
@@ -190,8 +208,8 @@ def finetune_codebook(
 
         checking = steps_run % check_every == 0 or steps_run == steps
         drift = holdout_loss() - start if checking else None
-        record = {"step": steps_run, "loss": float(loss.detach()), "keep": float(loss_keep.detach()),
-                  "harm": float(loss_harm.detach()), "reg": float(loss_reg.detach()), "holdout_drift": drift}
+        record = {"step": steps_run, "loss": loss, "keep": loss_keep, "harm": loss_harm, "reg": float(loss_reg),
+                  "holdout_drift": drift}
         history.append(record)
         if on_step:
             on_step(steps_run, record)
