@@ -88,10 +88,24 @@ def shutdown() -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.destroy_process_group()
+            _destroy_group()
         _CREATED_GROUP = False
     while _ENV_SET:
         os.environ.pop(_ENV_SET.pop(), None)
+
+
+def _destroy_group() -> None:
+    """Destroy the default group through DeepSpeed when it is loaded: torch's own call leaves DeepSpeed's
+    cached world group behind, and the next engine in this process fails on it ("group not registered")."""
+    import sys
+
+    import torch.distributed as dist
+
+    comm = sys.modules.get("deepspeed.comm.comm")  # its `cdb` is live; the package re-exports a stale copy
+    if comm is not None and getattr(comm, "cdb", None) is not None:
+        comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
 
 
 class _Codebook(torch.nn.Module):
@@ -187,7 +201,7 @@ def _spawned(rank: int, fn: Callable, world_size: int, port: int, queue: Any, ar
         import torch.distributed as dist
 
         if dist.is_initialized():  # destroying the group avoids the intermittent SIGABRT at exit
-            dist.destroy_process_group()
+            _destroy_group()
         _CREATED_GROUP = False
 
 
