@@ -90,13 +90,13 @@ def test_resume_with_another_config_is_refused(uninterrupted):
         run(changed, resume=True)
 
 
-def test_deepspeed_backend_builds_the_same_codebook(uninterrupted, tmp_path):
-    """Fine-tuning through a real DeepSpeed engine (gloo, one rank, ZeRO 0) equals plain Adam.
+def test_torch_backend_builds_the_codebook_deepspeed_builds(uninterrupted, tmp_path):
+    """The trainer's plain-Adam backend equals its default, a real DeepSpeed engine (gloo, one rank, ZeRO 0).
 
     In its own process, as a user runs it: DeepSpeed keeps process-group state per process.
     """
     full_tmp, _, _, full_store = uninterrupted
-    data = tiny_config(full_tmp, tmp_path / "run", finetune={"backend": "deepspeed"})
+    data = tiny_config(full_tmp, tmp_path / "run", finetune={"backend": "torch"})
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(data))
     proc = subprocess.run([sys.executable, "-m", "safecb.cli", "run", "--config", str(config_file), "--until", "1"],
