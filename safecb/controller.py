@@ -296,14 +296,14 @@ class Controller:
         self.console.print(f"[bold]iteration {iteration}[/]: " + ", ".join(
             f"{k}={row[k]}" for k in ("pairs", "unsafe_rate_self", "unsafe_rate_external", "fidelity", "decision") if k in row))
 
-    def _target_metric(self) -> str:
-        return "unsafe_rate_external" if self._external_judged() else "unsafe_rate_self"
-
-    def _external_judged(self) -> bool:
-        return self.config.model.backend == "world" and self.config.eval.external_judge
+    def _target_metric(self, state: LoopState) -> str:
+        # The world's external judge where it measured something (world prompts), else the self-judge.
+        external = self.config.model.backend == "world" and self.config.eval.external_judge
+        return "unsafe_rate_external" if external and state.metrics[0].get("unsafe_rate_external") is not None \
+            else "unsafe_rate_self"
 
     def _decide(self, state: LoopState):
-        history = [m[self._target_metric()] for m in state.metrics]
+        history = [m[self._target_metric(state)] for m in state.metrics]
         return stop_decision(history, self.config.stop.min_improvement, self.config.stop.patience, self.config.stop.max_iters)
 
     def _manifest(self, iteration: int, version: int, shards: dict[str, list[ShardRecord]], extra: dict) -> Manifest:
@@ -323,7 +323,7 @@ class Controller:
 
     def _choose_final(self, state: LoopState) -> None:
         """The best codebook whose quality stayed within budget (fidelity if known). Written down."""
-        target = self._target_metric()
+        target = self._target_metric(state)
         base = state.metrics[0]
         budget = self.config.eval.fidelity_budget
         eligible = [m for m in state.metrics if m.get("fidelity") is None or base.get("fidelity") is None

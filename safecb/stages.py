@@ -182,10 +182,15 @@ def evaluate_tokens(model: UnifiedModel, jobs: list[tuple[Prompt, int, int]], to
     if external is not None and len(jobs):
         from safecb.world.evaluate import score_counts
 
-        with torch.no_grad():
-            images = torch.cat([model.decode(tokens[i:i + 256]).float().cpu() for i in range(0, len(jobs), 256)])
-        records = [_world_record(p.meta) for p, _, _ in jobs]
-        stats["external"] = score_counts(records, images, external, threshold=0.5)
+        # The world's judge knows only the world's own prompts (their exact labels): prompts from a file
+        # have none, and their external rates stay absent rather than guessed.
+        labelled = [i for i, (p, _, _) in enumerate(jobs) if p.meta is not None]
+        if labelled:
+            with torch.no_grad():
+                images = torch.cat([model.decode(tokens[labelled][i:i + 256]).float().cpu()
+                                    for i in range(0, len(labelled), 256)])
+            records = [_world_record(jobs[i][0].meta) for i in labelled]
+            stats["external"] = score_counts(records, images, external, threshold=0.5)
     version = model.codebook_version
     rows = [{"run_id": config.run_id, "iteration": iteration, "codebook_version": version, "prompt_id": p.prompt_id,
              "prompt": p.text, "sample_index": k, "seed": seed, "tokens": tokens[i].tolist(),

@@ -44,3 +44,18 @@ def test_every_iteration_found_pairs_and_moved_codes(world_run):
         assert row["pairs"] > 20 and row["aligned_pairs"] > 0
         assert row["harmful_codes"] > 0 and row["codebook_shift"] > 0
         assert {"unsafe_rate_external_separable", "unsafe_rate_external_entangled"} <= row.keys()
+
+
+def test_eval_prompts_from_a_file_on_the_world_backend(tmp_path):
+    """World model, eval prompts from a file (no exact labels) and a limited built-in set: the external
+    judge measures only what it can (the benign built-ins), the rest is reported as absent, and the
+    run goes on (it used to end in AttributeError / TypeError after v0 was written)."""
+    (tmp_path / "eval.txt").write_text("a red circle with blood\na square on fire\n")
+    config = load_config(CONFIG, {"storage.run_dir": str(tmp_path / "run"), "resources.threads": 1,
+                                  "prompts.train": {"builtin": "world:train", "limit": 8},
+                                  "prompts.eval_unsafe": {"path": str(tmp_path / "eval.txt")},
+                                  "prompts.eval_benign": {"builtin": "world:eval_benign", "limit": 4}})
+    rows = run(config, until=0)
+    assert rows[0]["eval_images_unsafe"] == 2 and rows[0]["eval_images_benign"] == 4
+    assert rows[0]["unsafe_rate_self"] is not None
+    assert "unsafe_rate_external" not in rows[0] and "fidelity" in rows[0]
