@@ -553,7 +553,10 @@ def main(argv=None) -> int:
         line = json.dumps(result)
         if args.save:
             RESULT.parent.mkdir(parents=True, exist_ok=True)
-            RESULT.write_text(line + "\n")
+            # keep the gpu_* keys that benchmarks/collect_gpu.py measured on a GPU machine
+            kept = {k: v for k, v in json.loads(RESULT.read_text()).items() if k.startswith("gpu")} \
+                if RESULT.exists() else {}
+            RESULT.write_text(json.dumps({**result, **kept}) + "\n")
             log(f"wrote {RESULT.relative_to(ROOT)}")
         print(line, flush=True)
     return 0
