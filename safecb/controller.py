@@ -25,12 +25,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from safecb.config import RunConfig, parse_config
-from safecb.prompts import SnapshotInfo, prompt_content_hash, snapshot_prompts
+from safecb.prompts import prompt_content_hash, snapshot_prompts
 from safecb.schemas import SCHEMA_VERSION, CodebookArtifact, Manifest, ShardRecord
-from safecb.storage import RunStore, StorageError
+from safecb.storage import CURRENT_CODEBOOK, RunStore, StorageError
 from safecb.training.stop import stop_decision
-
-CURRENT_CODEBOOK = "codebooks/CURRENT.json"  # kept in step with safecb.actors.collector
 
 
 class RunError(RuntimeError):
@@ -187,8 +185,7 @@ class Controller:
     def _broadcast(self, version: int) -> None:
         """Verify v's artifact, name it current (what a restarted actor loads), send it to every actor."""
         with self.timed("broadcast"):
-            blob, artifact = self.store.read_codebook_bytes(version)  # verifies sha256 against the sidecar
-            self.store.write_text(CURRENT_CODEBOOK, json.dumps({"version": version, "sha256": artifact.sha256}))
+            blob, artifact = self._mark_current(version)
             self.pool.broadcast(blob, version, artifact.sha256)
             self.current = (version, artifact.sha256)
 
@@ -356,13 +353,14 @@ class Controller:
                 metrics, _ = self._evaluate(scratch)
             finally:
                 self.store.remove_iteration(scratch)
-                self._broadcast_restore(manifests[-1].iteration)
+                self._mark_current(manifests[-1].iteration)  # what the run stands on, not the one-off eval's version
         return {"codebook_version": version, **metrics}
 
-    def _broadcast_restore(self, version: int) -> None:
-        # CURRENT.json must name what the run stands on, not the version a one-off eval used.
-        _, artifact = self.store.read_codebook_bytes(version)
+    def _mark_current(self, version: int) -> tuple[bytes, CodebookArtifact]:
+        """Verify v's artifact (sha256 against its sidecar) and name it current: what a restarted actor loads."""
+        blob, artifact = self.store.read_codebook_bytes(version)
         self.store.write_text(CURRENT_CODEBOOK, json.dumps({"version": version, "sha256": artifact.sha256}))
+        return blob, artifact
 
 
 def eval_metrics(stats: list[dict]) -> dict:

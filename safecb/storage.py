@@ -63,6 +63,7 @@ S3_CONFIG_DEFAULTS: dict[str, Any] = {
     "retries": {"max_attempts": 2},
 }
 CHECK_REACHABLE_DEADLINE_S = 10.0
+CURRENT_CODEBOOK = "codebooks/CURRENT.json"  # {"version", "sha256"}: what every actor must serve (the driver writes it)
 PARQUET_COMPRESSION = "zstd"
 
 # Commit verification reads whole shard objects; this many at a time bounds driver memory.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,3 +61,20 @@ def comparable(store: "RunStore") -> dict:
         manifest = store.read_manifest(it)
         out[f"iter{it}"] = {kind: [r.sha256 for r in records] for kind, records in manifest.shards.items()}
     return out
+
+
+def wait_for(condition, alive, what: str, timeout_s: float, details=lambda: "") -> None:
+    """Poll `condition` until it holds; fail if `alive()` turns false first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert alive(), f"finished before {what} {details()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what} {details()}"
+        time.sleep(0.02)
+
+
+def cmdline(pid: int) -> str:
+    """A process's command line from /proc ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -23,9 +23,7 @@ from safecb.prompts import read_prompt_range
 from safecb.schemas import GENERATION_SCHEMA, PAIR_SCHEMA, ShardRecord, table_from_rows
 from safecb.schemas.codebook import codebook_from_bytes
 from safecb.stages import collect_shard, eval_jobs, evaluate_tokens, generate_eval_tokens, token_matrix
-from safecb.storage import RunStore
-
-CURRENT_CODEBOOK = "codebooks/CURRENT.json"  # {"version", "sha256"}: the version actors must serve
+from safecb.storage import CURRENT_CODEBOOK, RunStore
 
 
 class CodebookMismatch(RuntimeError):

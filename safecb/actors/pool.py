@@ -143,6 +143,12 @@ class CollectorPool:
         recovering: set[int] = set()
         replaced: dict[int, int] = {}
 
+        def count_failure(key: tuple[str, int], which: int, limit: int) -> int | None:
+            """Count one failure (0: application, 1: infrastructure); the count once it reaches `limit`."""
+            counts = failures.setdefault(key, [0, 0])
+            counts[which] += 1
+            return counts[which] if counts[which] >= limit else None
+
         def next_task() -> ShardTask | None:
             task = retry.popleft() if retry else next(fresh, None)
             if task is None:
@@ -191,24 +197,24 @@ class CollectorPool:
             try:
                 result = ray.get(ref)
             except INFRA_ERRORS as err:
-                counts = failures.setdefault(key, [0, 0])
-                counts[1] += 1
-                if counts[1] >= self.cluster.max_infra_attempts:
+                tries = count_failure(key, 1, self.cluster.max_infra_attempts)
+                if tries is None:
+                    retry.append(task)
+                else:
                     raise PoolError(f"{task.kind} shard {task.index} (rows {task.start}-{task.stop}): lost "
-                                    f"{counts[1]} times to infrastructure failures, last {type(err).__name__}") from None
-                retry.append(task)
+                                    f"{tries} times to infrastructure failures, last {type(err).__name__}") from None
                 exhausted = False
                 if index not in recovering:
                     recovering.add(index)
                     probes[self._probe(index)] = index
                 continue
             except RayTaskError as err:
-                counts = failures.setdefault(key, [0, 0])
-                counts[0] += 1
-                if counts[0] >= self.cluster.max_task_attempts:
+                tries = count_failure(key, 0, self.cluster.max_task_attempts)
+                if tries is None:
+                    retry.append(task)
+                else:
                     raise PoolError(f"{task.kind} shard {task.index} (rows {task.start}-{task.stop}) failed "
-                                    f"{counts[0]} times, last on collector-{index}: {_cause(err)}") from None
-                retry.append(task)
+                                    f"{tries} times, last on collector-{index}: {_cause(err)}") from None
                 exhausted = False
                 continue
             failures.pop(key, None)

@@ -31,7 +31,7 @@ from safecb.controller import RunError, run
 from safecb.prompts import PromptError, read_prompt_range
 from safecb.schemas import GENERATION_SCHEMA, PAIR_SCHEMA
 from safecb.storage import RunStore
-from tests_support import VOLATILE, comparable, tiny_config
+from tests_support import VOLATILE, cmdline, comparable, tiny_config, wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")  # one local Ray for every in-process run here
 
@@ -89,21 +89,6 @@ def listing(root: Path) -> dict:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
-def wait_for(condition, alive, what: str, details=lambda: "") -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert alive(), f"finished before {what} {details()}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what} {details()}"
-        time.sleep(0.02)
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def processes_of(session: int, marker: str) -> list[int]:
     """Live processes in `session`, or whose command line names `marker` (the Ray temp dir)."""
     found = []
@@ -158,7 +143,7 @@ def test_an_actor_killed_mid_shard_is_restarted_with_the_current_codebook(baseli
     # Iteration 2, not 1: there the current codebook (v1) is not the model's own, so an actor that came
     # back serving what it loaded would draw other rows, or tag them with another version.
     wait_for(lambda: any((root / "iter=0002" / "generations").glob("shard-*.parquet")), thread.is_alive,
-             "iteration 2's first shard")
+             "iteration 2's first shard", WAIT_S)
     assert not (root / "iter=0002" / "MANIFEST.json").exists()
     pid = pools[0].info[0]["pid"]
     assert cmdline(pid).startswith("ray::Collector"), cmdline(pid)
@@ -193,7 +178,7 @@ def test_a_driver_killed_mid_iteration_resumes_to_the_same_run(baseline, tmp_pat
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: any(commits.glob("*.json")), lambda: proc.poll() is None, "iteration 1's first commit",
-                 lambda: (tmp_path / "driver.log").read_text()[-2000:])
+                 WAIT_S, lambda: (tmp_path / "driver.log").read_text()[-2000:])
         os.killpg(proc.pid, signal.SIGKILL)  # the driver, its GCS and raylet
     finally:
         if proc.poll() is None:

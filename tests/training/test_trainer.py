@@ -34,7 +34,7 @@ from safecb.controller import run
 from safecb.schemas import CodebookArtifact, ShardRecord
 from safecb.storage import RunStore
 from safecb.training.trainer import TrainerError, train_codebook
-from tests_support import tiny_config
+from tests_support import cmdline, tiny_config, wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")  # the session's local Ray (3 logical CPUs)
 
@@ -101,21 +101,6 @@ def build(built: Built, config, store: RunStore) -> tuple[torch.Tensor, dict]:
     tensors, artifact = store.read_codebook(1)
     assert (artifact.version, artifact.parent_version, artifact.config_hash) == (1, 0, config.config_hash())
     return tensors["codebook"], artifact.params
-
-
-def wait_for(condition, alive, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert alive(), f"finished before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def parent(pid: int) -> int | None:
@@ -187,7 +172,7 @@ def test_a_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(built
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    wait_for(lambda: registered_step(checkpoints) is not None, thread.is_alive, "the first checkpoint")
+    wait_for(lambda: registered_step(checkpoints) is not None, thread.is_alive, "the first checkpoint", WAIT_S)
     workers = [pid for pid in train_workers() if pid not in before]
     assert len(workers) == 1, [cmdline(p)[:80] for p in workers]
     killed_at = registered_step(checkpoints)
