@@ -5,6 +5,9 @@ fsspec URL (`s3://bucket/prompts.jsonl`), its format given by its extension:
   .txt      one prompt per line, blank lines skipped; id `<file stem>:<line number>`
   .jsonl    one object per line: "text" (required), "id" and "category" (optional)
   .parquet  a "text" column, optional "id" and "category" columns; default id `<file stem>:<row number>`
+  .csv      a header row, then one prompt a row: "prompt" (or "text"), categories from "categories"
+            (I2P: "sexual, shocking") or "category" (CoProV2), optional "id"; other columns (I2P's
+            seeds and guidance) are ignored, since the loop draws its own seeds
 Prompt texts are stripped of surrounding whitespace.
 
 A run freezes its prompts once into ONE Parquet file, `prompts/{name}.parquet` in the run folder
@@ -42,7 +45,7 @@ if TYPE_CHECKING:
 
 CHUNK_ROWS = 4096  # prompts read, token-counted and hashed at a time
 SNAPSHOT_ROW_GROUP = 4096  # rows per Parquet row group of a snapshot: the unit a range read fetches
-FORMATS = (".txt", ".jsonl", ".parquet")
+FORMATS = (".txt", ".jsonl", ".parquet", ".csv")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 _WORD_RE = re.compile(r"\S+")
 
@@ -441,7 +444,7 @@ def _file_rows(path: str, key: str, storage_options: dict | None) -> Iterator[Pr
         raise PromptError(f"{key}.path: {shown}: is a folder (expected a {', '.join(FORMATS)} file)") from None
     except Exception as err:  # noqa: BLE001 - any backend failure becomes one line
         raise PromptError(f"{key}.path: {shown}: cannot open ({_reason(err)})") from None
-    reader = {".txt": _txt_rows, ".jsonl": _jsonl_rows, ".parquet": _parquet_rows}[ext]
+    reader = {".txt": _txt_rows, ".jsonl": _jsonl_rows, ".parquet": _parquet_rows, ".csv": _csv_rows}[ext]
     where = f"{key}.path: {shown}"
     try:
         yield from reader(file, where, stem)
@@ -515,6 +518,42 @@ def _parquet_rows(file, where: str, stem: str) -> Iterator[Prompt]:
             at = f"{where}: row {number}"
             yield Prompt(_prompt_id(ids[i] if ids else None, f"{stem}:{number}", at), _prompt_text(text, at),
                          category=_category(categories[i] if categories else None, at))
+
+
+def _csv_rows(file, where: str, stem: str) -> Iterator[Prompt]:
+    """I2P / CoProV2 layouts: a header naming "prompt" (or "text") and "categories" or "category"."""
+    import csv
+    import io
+
+    text = io.TextIOWrapper(file, encoding="utf-8-sig", newline="")  # a leading BOM is not a column name
+    try:
+        reader = csv.reader(text)
+        header = next(reader, None)
+        if header is None:
+            return
+        names = [h.strip().lower() for h in header]
+        text_col = next((names.index(c) for c in ("prompt", "text") if c in names), None)
+        if text_col is None:
+            raise PromptError(f"{where}: no 'prompt' column in the header (found {[h.strip() for h in header]}; "
+                              "expected I2P's 'prompt', 'categories' or CoProV2's 'prompt', 'category')")
+        cat_col = next((names.index(c) for c in ("categories", "category") if c in names), None)
+        id_col = names.index("id") if "id" in names else None
+        for number, row in enumerate(reader, start=2):  # line numbers as an editor shows them (quoted newlines aside)
+            if not any(cell.strip() for cell in row):
+                continue
+            at = f"{where}: row {number}"
+            if len(row) != len(names):
+                raise PromptError(f"{at}: {len(row)} fields, the header has {len(names)}")
+            categories = ", ".join(c.strip().lower() for c in row[cat_col].split(",") if c.strip()) if cat_col is not None else ""
+            yield Prompt(_prompt_id(row[id_col] if id_col is not None and row[id_col].strip() else None,
+                                    f"{stem}:{number}", at),
+                         _prompt_text(row[text_col], at), category=categories or None)
+    except UnicodeDecodeError as err:
+        raise PromptError(f"{where}: not UTF-8 text (bad byte at offset {err.start})") from None
+    except csv.Error as err:
+        raise PromptError(f"{where}: malformed CSV ({err})") from None
+    finally:
+        text.detach()  # the caller closes the file
 
 
 def _prompt_text(value: Any, at: str) -> str:

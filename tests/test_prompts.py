@@ -135,7 +135,7 @@ def test_sources_and_store_on_s3(tmp_path, run_url):
 
 def test_unknown_extension_refused_before_anything_is_read_or_written(tmp_path, store):
     good = write(tmp_path / "train.txt", "a\n")
-    bad = write(tmp_path / "eval.csv", "text\na\n")
+    bad = write(tmp_path / "eval.tsv", "text\na\n")
     sources = [("prompts.train", "train", src(good)), ("prompts.eval_unsafe", "unsafe", src(bad))]
     with pytest.raises(PromptError) as err:
         snapshot_prompts(sources, store, "p")
