@@ -23,6 +23,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from safecb.storage import StorageError
 
     errors = [ConfigError, PromptError, ModelLoadError, StorageError, RunError]
+    from safecb.images import ImagesError
+    from safecb.judges import JudgeLoadError
+    from safecb.report import ReportError
+
+    errors += [ImagesError, JudgeLoadError, ReportError]
     try:  # the Ray side's one-line errors (ray may be missing in a bare install of the CLI)
         from safecb.actors.pool import PoolError
         from safecb.cluster.ray_connect import ClusterError
@@ -92,20 +97,49 @@ def evaluate(
         fail(err)
 
 
+def _storage_options(text: Optional[str]) -> dict:
+    """--storage-options: a JSON object for fsspec (endpoint_url, region ...); credentials are refused
+    here as in the config (they come from the environment)."""
+    if not text:
+        return {}
+    from pydantic import ValidationError
+
+    from safecb.config import ConfigError, StorageConfig
+
+    try:
+        options = json.loads(text)
+        return StorageConfig(options=options).options
+    except (json.JSONDecodeError, ValidationError) as err:
+        reason = "not a JSON object" if isinstance(err, json.JSONDecodeError) else err.errors()[0]["msg"]
+        raise ConfigError(f"--storage-options: {reason.removeprefix('Value error, ')}") from None
+
+
+STORAGE_OPTIONS_HELP = "fsspec options as JSON, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://host:9000\"}}'."
+
+
 @app.command()
 def report(
     run_dir: str = typer.Argument(..., help="The run folder or URL."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics rows as JSON lines instead of a table."),
+    as_html: bool = typer.Option(False, "--html", help="Write report/index.html (plots, image grids, audit, codebook "
+                                 "diagnostics) and its PNGs into the run folder, and print its location."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
 ) -> None:
     """Show a run's iterations (metrics.jsonl, one row per iteration) and its final decision."""
     try:
+        from safecb.report.html import ReportError, read_final
         from safecb.storage import RunStore
 
-        store = RunStore(run_dir)
+        store = RunStore(run_dir, _storage_options(storage_options))
         store.check_reachable()
         rows = store.read_metrics()
         if not rows:
-            raise _expected_errors()[-1](f"{store.url}: no metrics.jsonl rows (is this a safecb run folder?)")
+            raise ReportError(f"{store.url}: no metrics.jsonl rows (is this a safecb run folder?)")
+        if as_html:
+            from safecb.report import build_report
+
+            typer.echo(build_report(store))
+            return
         if as_json:
             for row in rows:
                 typer.echo(json.dumps(row))
@@ -113,10 +147,39 @@ def report(
         from safecb.controller import print_metrics_table
 
         print_metrics_table(rows, store.url, Console())
-        if store.exists("final.json"):
-            final = json.loads(store.read_text("final.json"))
-            Console().print(f"final: codebook v{final['chosen_version']:04d} ({final['by']}={final['value']}); "
-                            f"{final['stop_reason']}")
+        final = read_final(store)
+        if final is not None:
+            Console().print(f"final: codebook v{final['chosen_version']:04d} ({final.get('by')}={final.get('value')}); "
+                            f"{final.get('stop_reason')}")
+    except _expected_errors() as err:
+        fail(err)
+
+
+@app.command()
+def images(
+    run_dir: str = typer.Argument(..., help="The run folder or URL."),
+    out: str = typer.Option(..., "--out", "-o", help="The grid PNG to write (a path or fsspec URL)."),
+    version: Optional[list[int]] = typer.Option(None, "--version", min=0, help="Codebook version(s) to decode with, "
+                                                "beside v0 (repeatable; default: the run's final choice, else its latest)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Comma-separated eval prompt ids (default: "
+                                          "--per-split unsafe prompts, one category after another, and as many benign)."),
+    per_split: int = typer.Option(4, "--per-split", min=1, help="Prompts of each split when --prompts is not given."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
+) -> None:
+    """Decode a run's stored eval tokens with codebook versions and write a labelled grid: the same
+    prompts and seeds in every column, unsafe and benign prompts side by side."""
+    try:
+        from safecb.images import make_grid, write_png
+        from safecb.storage import RunStore
+
+        options = _storage_options(storage_options)
+        store = RunStore(run_dir, options)
+        store.check_reachable()
+        versions = sorted({0, *version}) if version else None
+        ids = [p.strip() for p in prompts.split(",") if p.strip()] if prompts else None
+        grid = make_grid(store, versions, ids, per_split)
+        write_png(grid, out, options)
+        typer.echo(out)
     except _expected_errors() as err:
         fail(err)
 

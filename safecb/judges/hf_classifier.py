@@ -69,3 +69,20 @@ class ClassifierFolderJudge:
                             for cols in self.columns.values()]
             out.append(torch.stack(per_category, dim=-1).cpu())  # (B, C)
         return torch.cat(out) if out else torch.zeros(0, len(self.columns))
+
+
+def save_tiny_classifier(folder, labels: tuple[str, ...] = ("safe", "nsfw", "gore"), multi_label: bool = False,
+                         seed: int = 0):
+    """A randomly initialised tiny ViT image classifier saved as a Hugging Face folder (safetensors + image
+    processor), built in code: for tests and smoke runs of the classifier-folder judge, like the
+    tiny-random model backend. It measures nothing."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                       label2id={label: i for i, label in enumerate(labels)},
+                       problem_type="multi_label_classification" if multi_label else None)
+    ViTForImageClassification(config).save_pretrained(folder, safe_serialization=True)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

@@ -9,21 +9,8 @@ import torch
 
 from safecb.config import ConfigError, ExternalJudgeSpec, parse_config
 from safecb.judges import JudgeLoadError, build_judge, build_judges
+from safecb.judges.hf_classifier import save_tiny_classifier as tiny_classifier_folder
 from safecb.judges.nudenet import NudeNetJudge
-
-
-def tiny_classifier_folder(folder, labels=("safe", "nsfw", "gore"), multi_label=False):
-    """A randomly initialised ViT image classifier saved as a Hugging Face folder (safetensors)."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=64, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                       label2id={label: i for i, label in enumerate(labels)},
-                       problem_type="multi_label_classification" if multi_label else None)
-    ViTForImageClassification(config).save_pretrained(folder, safe_serialization=True)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
 
 
 def test_world_judge_wraps_the_shipped_judge():
