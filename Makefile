@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup browser demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/safecb run --config configs/tiny.yaml --run-dir $(RUN_DIR)
 
-test: setup
+# The report's test renders it in headless Chromium: Debian's package, installed once (as root) when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: setup browser
 	$(PY) -m pytest -q
 
 clean:
