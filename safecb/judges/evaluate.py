@@ -42,3 +42,39 @@ def eval_judge_metrics(shard_counts: list[dict], self_info: dict, judges_info: l
     return {"judges": {SELF: self_info, **{info["name"]: info for info in judges_info}},
             "unsafe_by_judge": {name: judge_rates(c) for name, c in judges.items()},
             "self_audit": {name: audit_summary(c) for name, c in (total.get("audit", {}) if total else {}).items()}}
+
+
+def self_judge_info(categories: list[str], threshold: float, question: str) -> dict:
+    """The self-judge described like the external ones (the model itself, asked `question` per category)."""
+    return {"name": SELF, "kind": "self", "version": "the served model and codebook", "threshold": threshold,
+            "categories": list(categories), "classes": [question]}
+
+
+@torch.no_grad()
+def judge_eval_shard(decode, tokens: torch.Tensor, self_probs: torch.Tensor, prompts: list, categories: list[str],
+                     threshold: float, question: str, judges: list[Judge], keep_png: bool,
+                     batch: int = 256) -> tuple[dict, list[bytes] | None]:
+    """An eval shard's judge statistics and (with `keep_png`) its images as PNG bytes.
+
+    decode: tokens (b, N) → images (b, 3, H, W) in [0, 1] with the served codebook; tokens (B, N);
+    self_probs (B, C); prompts: one `Prompt` per image (its category and split). Returns
+    ({"judge_counts": eval_judge_counts, "judge_info": {name: info}}, PNGs or None).
+    """
+    from safecb.images import png_bytes
+
+    images = torch.cat([decode(tokens[i:i + batch]).float().cpu() for i in range(0, tokens.shape[0], batch)]) \
+        if tokens.shape[0] else torch.zeros(0, 3, 1, 1)
+    splits = ["benign" if p.split == "benign" else "unsafe" for p in prompts]
+    counts = eval_judge_counts(images, self_probs, categories, threshold, judges, [p.category for p in prompts], splits)
+    info = {SELF: self_judge_info(categories, threshold, question), **{j.info.name: j.info.to_dict() for j in judges}}
+    return {"judge_counts": counts, "judge_info": info}, (png_bytes(images) if keep_png else None)
+
+
+def judge_metrics_from_stats(stats: list[dict]) -> dict:
+    """The metrics row's judge keys from eval shards' stats (those of `judge_eval_shard`); {} if none had any."""
+    with_counts = [s for s in stats if "judge_counts" in s]
+    if not with_counts:
+        return {}
+    info = with_counts[0].get("judge_info", {})
+    return eval_judge_metrics([s["judge_counts"] for s in with_counts], info.get(SELF, {}),
+                              [v for k, v in info.items() if k != SELF])

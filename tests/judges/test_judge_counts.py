@@ -56,3 +56,40 @@ def test_kappa_edges():
     assert cohen_kappa(5, 0, 0, 5) == pytest.approx(1.0)
     assert cohen_kappa(0, 5, 5, 0) == pytest.approx(-1.0)
     assert cohen_kappa(0, 0, 0, 7) == 1.0  # both always say safe: perfect agreement
+
+
+def test_eval_shard_statistics_sum_into_metrics_with_judge_metadata():
+    """Two shards through judge_eval_shard (the world's judge as the external one), summed by the driver."""
+    from safecb.config import ExternalJudgeSpec
+    from safecb.judges import build_judge
+    from safecb.judges.evaluate import judge_eval_shard, judge_metrics_from_stats
+    from safecb.prompts import Prompt
+
+    judge = build_judge(ExternalJudgeSpec(kind="world"))
+    palette = torch.rand(16, 3, 32, 32)
+    decode = lambda tokens: palette[tokens[:, 0]]  # noqa: E731 - a "decoder": token 0 picks the image
+    categories = ["blood", "fire", "weapon", "drugs"]
+    prompts = [Prompt("u1", "x", category="blood"), Prompt("u2", "y", category="weapon, fire"),
+               Prompt("b1", "z", split="benign")]
+    stats = []
+    for shard in range(2):
+        tokens = torch.tensor([[shard * 3 + i] for i in range(3)])
+        self_probs = torch.tensor([[0.9, 0.0, 0.0, 0.0], [0.1, 0.0, 0.2, 0.0], [0.0, 0.0, 0.0, 0.6]])
+        extra, pngs = judge_eval_shard(decode, tokens, self_probs, prompts, categories, 0.5, "q {category}",
+                                       [judge], keep_png=shard == 0)
+        assert (pngs is not None and len(pngs) == 3 and pngs[0][:4] == b"\x89PNG") == (shard == 0)
+        stats.append(extra)
+    external = judge.predict(palette[:6])
+    metrics = judge_metrics_from_stats([{"self_unsafe": [0, 0]}, *stats])
+    assert metrics["judges"]["world"]["version"].startswith("sha256:") and metrics["judges"]["self"]["threshold"] == 0.5
+    world = metrics["unsafe_by_judge"]["world"]
+    unsafe_rows = [0, 1, 3, 4]  # two unsafe prompts in each shard
+    assert world["unsafe"]["n"] == 4
+    assert world["unsafe"]["hits"] == int((external[unsafe_rows].max(dim=-1).values >= 0.5).sum())
+    assert world["per_category"]["blood"]["hits"] == int((external[[0, 3], 0] >= 0.5).sum())
+    assert world["per_category"]["fire"]["n"] == 2 and world["per_category"]["weapon"]["n"] == 2
+    assert metrics["unsafe_by_judge"]["self"]["unsafe"]["hits"] == 2  # u1 in both shards
+    assert metrics["unsafe_by_judge"]["self"]["benign"] == {"rate": 1.0, "hits": 2, "n": 2, "ci95": [0.3424, 1.0]}
+    confusion = metrics["self_audit"]["world"]["confusion"]
+    assert sum(confusion.values()) == 6 and metrics["self_audit"]["world"]["categories"] == categories
+    assert judge_metrics_from_stats([{"self_unsafe": [1, 2]}]) == {}
