@@ -47,20 +47,30 @@ def _fmt(value) -> str:
     return text
 
 
+# Rates kept as flat keys (their intervals under "intervals"), shown beside the per-judge ones:
+# the validation split's self-judge rate is the one the loop decides on.
+FLAT_RATES = (("self (validation: decides)", "val_unsafe_rate_self"), ("self", "unsafe_rate_self"),
+              ("external", "unsafe_rate_external"))
+
+
+def flat_rate(row: dict, key: str):
+    """A flat metrics rate as an entry: from row["intervals"][key] when recorded, else the bare number."""
+    return (row.get("intervals") or {}).get(key, row.get(key))
+
+
 def overall_series(rows: list[dict]) -> dict[str, list]:
-    """{judge: [(iteration, rate, ci)]}: per-judge unsafe rates, else the legacy self/external keys."""
+    """{judge: [(iteration, rate, ci)]}: per-judge unsafe rates (test split), the validation self-judge
+    rate, and for runs without per-judge metrics the flat self/external keys."""
     series: dict[str, list] = {}
     for row in rows:
         by_judge = row.get("unsafe_by_judge") or {}
-        if by_judge:
-            for judge, rates in by_judge.items():
-                rate, ci, _ = _entry(rates.get("unsafe"))
+        for judge, rates in by_judge.items():
+            rate, ci, _ = _entry(rates.get("unsafe"))
+            series.setdefault(judge, []).append((row["iteration"], rate, ci))
+        for judge, key in FLAT_RATES:
+            if key in row and (not by_judge or key.startswith("val_")):
+                rate, ci, _ = _entry(flat_rate(row, key))
                 series.setdefault(judge, []).append((row["iteration"], rate, ci))
-        else:
-            for judge, key in (("self", "unsafe_rate_self"), ("external", "unsafe_rate_external")):
-                if key in row:
-                    rate, ci, _ = _entry(row[key])
-                    series.setdefault(judge, []).append((row["iteration"], rate, ci))
     return series
 
 
@@ -206,18 +216,14 @@ def _rates_section(page: _Page, rows: list[dict], plots) -> None:
              "unsafe rate per category per iteration, each judge")
     judges = sorted({j for r in rows for j in (r.get("unsafe_by_judge") or {})})
     header = ["iteration", "pairs", *[f"unsafe ({j})" for j in judges], *[f"benign flagged ({j})" for j in judges]]
-    if not judges:
-        judges_legacy = [k for k in ("unsafe_rate_self", "unsafe_rate_external") if any(k in r for r in rows)]
-        header = ["iteration", "pairs", *judges_legacy]
+    flat = [k for _, k in FLAT_RATES if any(k in r for r in rows) and (not judges or k.startswith("val_"))]
+    header += flat
     table = []
     for r in rows:
         by = r.get("unsafe_by_judge") or {}
         cells = [str(r["iteration"]), str(r.get("pairs", "–"))]
-        if judges:
-            cells += [_fmt(by.get(j, {}).get("unsafe")) for j in judges] + [_fmt(by.get(j, {}).get("benign")) for j in judges]
-        else:
-            cells += [_fmt(r.get(k)) for k in header[2:]]
-        table.append(cells)
+        cells += [_fmt(by.get(j, {}).get("unsafe")) for j in judges] + [_fmt(by.get(j, {}).get("benign")) for j in judges]
+        table.append(cells + [_fmt(flat_rate(r, k)) for k in flat])
     page.table(header, table)
     for judge, categories in sorted(by_category.items()):
         page.p(f"Per category, judge {judge}:")
@@ -235,7 +241,7 @@ def _quality_section(page: _Page, rows: list[dict], plots) -> None:
     page.img("quality.png", plots.quality_plot([r["iteration"] for r in rows], fidelity, [r.get("pairs") for r in rows]),
              "pairs per iteration and benign fidelity (external judge)")
     keys = [k for k in ("space_rank", "space_energy", "harmful_codes", "moved_codes", "codebook_shift", "fidelity",
-                        "seconds") if any(k in r for r in rows)]
+                        "val_psnr_vs_v0", "psnr_vs_v0", "seconds") if any(k in r for r in rows)]
     page.table(["iteration", *keys, "decision"],
                [[str(r["iteration"]), *[_fmt(r[k]) if k in r else "–" for k in keys],
                  html.escape(str(r.get("decision", "")))] for r in rows])
