@@ -58,13 +58,21 @@ def run(
     config: Path = typer.Option(..., "--config", "-c", help="Run config (YAML); configs/tiny.yaml is the embedded default."),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Where the run lives: a folder or any fsspec URL "
                                           "(s3://bucket/prefix). Overrides storage.run_dir."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir after its last manifest."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir after its last manifest "
+                                "(`--resume auto`, for jobs that may be retried: continue it if the folder holds "
+                                "a run, else start it)."),
     until: Optional[int] = typer.Option(None, "--until", min=0, help="Stop after this iteration (resumable later)."),
+    resume_mode: Optional[str] = typer.Argument(None, hidden=True, metavar="[auto]"),
 ) -> None:
     """Run the Safe-CB loop: collect → pair → harmful space → project → fine-tune → evaluate, until the
     unsafe rate stops falling. Writes iter=NNNN/MANIFEST.json, codebooks/vNNNN.safetensors and
     metrics.jsonl under the run folder."""
     try:
+        # `--resume auto` is the flag plus this word (typer options take no optional values). Both
+        # continue a run that exists and start one that does not: the controller rebuilds the state
+        # from the last valid manifest, so a retried job neither restarts nor refuses.
+        if resume_mode is not None and (resume_mode != "auto" or not resume):
+            fail(f"unexpected argument {resume_mode!r} (the only one is 'auto', after --resume: --resume auto)")
         cfg = _load(config, run_dir)
         from safecb.controller import run as run_loop
 
@@ -181,6 +189,91 @@ def images(
         write_png(grid, out, options)
         typer.echo(out)
     except _expected_errors() as err:
+        fail(err)
+
+
+# ---- a run as a job on any Ray cluster (safecb/cluster/submit.py) ------------------------------
+_ADDRESS_HELP = "The cluster's Ray job server (its dashboard), e.g. http://HEAD:8265."
+# One definition each, shared by the job commands (typer reads them as metadata, never mutates them).
+_ADDRESS = typer.Option(..., "--address", envvar="RAY_API_SERVER_ADDRESS", help=_ADDRESS_HELP)
+_JOB_ID = typer.Argument(..., help="The job id `safecb submit` printed.")
+
+
+def _job_errors() -> tuple[type[BaseException], ...]:
+    from safecb.cluster.submit import SubmitError
+
+    return (*_expected_errors(), SubmitError)
+
+
+@app.command()
+def submit(
+    config: Path = typer.Option(..., "--config", "-c", help="Run config (YAML): validated here, shipped with the job."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Where the run lives, as the cluster sees it "
+                                          "(s3://bucket/prefix on a multi-node cluster). Overrides storage.run_dir."),
+    address: str = _ADDRESS,
+    wait: bool = typer.Option(False, "--wait", help="Wait for the job to end; exit 2 with its error if it fails."),
+) -> None:
+    """Submit a run as a Ray job (`safecb run --resume auto` on the cluster) and print its job id. The id
+    comes from the run, so submitting the same run again joins its job instead of starting a copy."""
+    try:
+        from safecb.cluster import submit as jobs
+
+        done = jobs.submit(_load(config, run_dir), address)
+        typer.echo(f"{done.action} job {done.job_id} ({done.status}); follow it with: "
+                   f"safecb logs {done.job_id} --follow --address ...", err=True)
+        typer.echo(done.job_id)
+        if wait:
+            jobs.wait(address, done.job_id, on_change=lambda state: typer.echo(f"job {done.job_id}: {state}", err=True))
+    except _job_errors() as err:
+        fail(err)
+
+
+@app.command()
+def status(
+    job_id: str = _JOB_ID,
+    address: str = _ADDRESS,
+) -> None:
+    """Print a job's status (PENDING, RUNNING, SUCCEEDED, STOPPED); a FAILED job is an error (exit 2)."""
+    try:
+        from safecb.cluster import submit as jobs
+
+        client = jobs.connect(address)
+        info = jobs.job_info(client, job_id, address)
+        state = jobs.state_of(info)
+        if state == "FAILED":
+            fail(jobs.failure_line(client, job_id, state, info.message))
+        typer.echo(f"{job_id} {state}")
+    except _job_errors() as err:
+        fail(err)
+
+
+@app.command()
+def logs(
+    job_id: str = _JOB_ID,
+    address: str = _ADDRESS,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream the logs until the job ends."),
+) -> None:
+    """Print a job's driver logs; exit 2 with the job's error if it failed."""
+    try:
+        from safecb.cluster import submit as jobs
+
+        jobs.logs(address, job_id, follow, write=lambda text: typer.echo(text, nl=False))
+    except _job_errors() as err:
+        fail(err)
+
+
+@app.command()
+def stop(
+    job_id: str = _JOB_ID,
+    address: str = _ADDRESS,
+) -> None:
+    """Stop a job. The run folder keeps every finished shard: submit the run again to resume it."""
+    try:
+        from safecb.cluster import submit as jobs
+
+        stopping = jobs.stop(address, job_id)
+        typer.echo(f"{job_id} {'stopping' if stopping else 'had already ended'}")
+    except _job_errors() as err:
         fail(err)
 
 
