@@ -1,4 +1,5 @@
-"""Shared fixtures: a loopback S3 (moto_server) and a `run_url` parametrised over local and S3."""
+"""Shared fixtures: a loopback S3 (moto_server), a `run_url` parametrised over local and S3, one local Ray
+for the session and one finished tiny loop run (`tiny_run`) that several test files compare with."""
 
 from __future__ import annotations
 
@@ -10,11 +11,19 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can import tests_support
+
+# Ray Train hands a worker's reports (each held-out check's checkpoint, then the last one) to its
+# controller through a queue of one that the controller empties once per health check, 2 s apart by
+# default: every report after the first waited up to 2 s (9 reports a fit in test_trainer.py, 2 in a
+# tiny loop's), and the end of a fit was seen up to 2 s late. Set before any Ray starts, so that the
+# session's Ray, and the runs tests start in their own processes, inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -86,14 +95,19 @@ def s3_server():
                 os.environ[k] = v
 
 
-@pytest.fixture
-def s3_bucket(s3_server):
-    """A fresh, empty bucket on the loopback S3 for one test; yields its name."""
+@pytest.fixture(scope="session")
+def _s3_admin(s3_server):
+    """One client that makes the tests' buckets: a new one per bucket cost ~0.2 s of CPU (botocore's models)."""
     import s3fs
 
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint_url"]}, skip_instance_cache=True)
+
+
+@pytest.fixture
+def s3_bucket(_s3_admin):
+    """A fresh, empty bucket on the loopback S3 for one test; yields its name."""
     name = f"safecb-test-{uuid.uuid4().hex[:12]}"
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint_url"]}, skip_instance_cache=True)
-    fs.mkdir(name)
+    _s3_admin.mkdir(name)
     yield name
 
 
@@ -118,3 +132,27 @@ def ray_cluster():
         ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+@dataclass
+class TinyRun:
+    tmp: Path  # holds prompts/ (tiny_config's files: a run made from them has the same config hash) and run/
+    config: object  # the RunConfig that made it
+    metrics: list[dict]
+    store: object  # RunStore of tmp/run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, ray_cluster) -> TinyRun:
+    """The tiny random model's uninterrupted 2-iteration loop on 1 actor (`tiny_config`, ~1 minute on 2
+    cores: two trainer fits), run once for the session. Tests compare other runs with it and may read it;
+    a test that changes a run works on a copy (`shutil.copytree(tiny_run.tmp / "run", ...)`)."""
+    from safecb.config import parse_config
+    from safecb.controller import run
+    from safecb.storage import RunStore
+    from tests_support import tiny_config
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    config = parse_config(tiny_config(tmp, tmp / "run"))
+    metrics = run(config)
+    return TinyRun(tmp, config, metrics, RunStore(str(tmp / "run")))
