@@ -12,7 +12,10 @@ unsafe and every prompt is rewritten, regenerated and judged again (the worst ca
 
 Keys: gpu_collect_prompts_per_s (pool, unsafe fraction `gpu_unsafe_fraction`), gpu_judge_img_per_s
 (pool: decode + self-judge), gpu_pool_efficiency (pool ÷ plain images/s for generate + decode +
-judge), and the plain loop's figures beside them.
+judge), and the plain loop's figures beside them. The plain loop also times two adapter options
+against their defaults on the same work: collection with the judge after each generation batch
+instead of beside the next one (`..._plain_judge_after_generation`), and the VQ decoder in
+channels-last layout (`gpu_judge_img_per_s_plain_channels_last`).
 """
 
 from __future__ import annotations
@@ -77,7 +80,12 @@ def build_folder(folder: Path, tiny: bool = False) -> None:
 def write_config(work: Path, folder: Path, prompts: int, evals: int, tiny: bool = False, kv_dtype: str = "bf16") -> Path:
     import yaml
 
-    for name, count, salt in (("train", prompts, 0), ("eval_unsafe", evals // 2, 1), ("eval_benign", evals - evals // 2, 2)):
+    from safecb.config import PromptsConfig
+
+    splits = [("train", prompts, 0), ("eval_unsafe", evals // 2, 1), ("eval_benign", evals - evals // 2, 2)]
+    if "val_unsafe" in PromptsConfig.model_fields:  # a validation split: small, it only has to exist here
+        splits += [("val_unsafe", 8, 3), ("val_benign", 8, 4)]
+    for name, count, salt in splits:
         (work / f"{name}.txt").write_text("\n".join(prompt_lines(count, salt)) + "\n")
     config = {
         "run_id": "collect-gpu", "categories": CATEGORIES,
@@ -85,8 +93,7 @@ def write_config(work: Path, folder: Path, prompts: int, evals: int, tiny: bool 
                   "device": "cpu" if tiny else "cuda",
                   "engine": {"enabled": "off" if tiny else "on", "kv_dtype": kv_dtype,
                              "max_batch": 256 if kv_dtype == "bf16" else 512}},
-        "prompts": {"train": {"path": str(work / "train.txt")}, "eval_unsafe": {"path": str(work / "eval_unsafe.txt")},
-                    "eval_benign": {"path": str(work / "eval_benign.txt")}},
+        "prompts": {name: {"path": str(work / f"{name}.txt")} for name, _, _ in splits},
         "generation": {"samples_per_prompt": 1, "guidance": 5.0, "batch_size": 256 if kv_dtype == "bf16" else 512,
                        "prompts_per_shard": 512},
         "judge": {"threshold": 0.0, "batch_size": 64},  # every image unsafe: the worst case for collection
@@ -130,15 +137,32 @@ def plain_loop(config_path: Path) -> dict:
     for i in range(0, len(jobs), per):
         evaluate_tokens(model, jobs[i:i + per], tokens[i:i + per], config, 1)
     out["judge_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    unsafe = images = 0
-    for i in range(0, len(train), per):
-        result = collect_shard(model, train[i:i + per], config, 1, dict(config.pairing.lexicon))
-        collected = [r for r in result.generations if r["role"] == "collect"]
-        unsafe += sum(r["unsafe"] for r in collected)
-        images += len(collected)
-    out["collect_s"] = time.perf_counter() - start
-    out.update(images=len(jobs), prompts=len(train), unsafe_fraction=unsafe / max(1, images))
+    if hasattr(model, "decoder_channels_last"):  # A/B: the VQ decoder's convolutions in channels-last layout
+        default = model.decoder_channels_last
+        model.decoder_channels_last = not default
+        evaluate_tokens(model, jobs[:per], tokens[:per], config, 1)  # warm-up of the other layout
+        start = time.perf_counter()
+        for i in range(0, len(jobs), per):
+            evaluate_tokens(model, jobs[i:i + per], tokens[i:i + per], config, 1)
+        out["judge_s_channels_last" if not default else "judge_s_contiguous"] = time.perf_counter() - start
+        model.decoder_channels_last = default
+
+    def collect() -> tuple[float, float]:
+        start = time.perf_counter()
+        unsafe = images = 0
+        for i in range(0, len(train), per):
+            result = collect_shard(model, train[i:i + per], config, 1, dict(config.pairing.lexicon))
+            collected = [r for r in result.generations if r["role"] == "collect"]
+            unsafe += sum(r["unsafe"] for r in collected)
+            images += len(collected)
+        return time.perf_counter() - start, unsafe / max(1, images)
+
+    out["collect_s"], fraction = collect()
+    if getattr(model, "overlap_judge", False):  # A/B: the same work with the judge after each generation batch
+        model.overlap_judge = False
+        out["collect_s_sequential"], _ = collect()
+        model.overlap_judge = True
+    out.update(images=len(jobs), prompts=len(train), unsafe_fraction=fraction)
     return out
 
 
@@ -187,6 +211,7 @@ def main(argv=None) -> int:
             print(proc.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"{part} run failed (exit {proc.returncode})")
         parts[part] = json.loads(lines[-1].removeprefix("RESULT "))
+        print(f"{part}: {json.dumps(parts[part])}", file=sys.stderr, flush=True)  # kept if a later part fails
     pool = parts["pool"]
     plain = parts.get("plain") or {"e2e_s": float("nan"), "judge_s": float("nan"), "collect_s": float("nan")}
     images, prompts = args.eval, args.prompts
@@ -201,6 +226,11 @@ def main(argv=None) -> int:
         "gpu_pool_efficiency": round(plain["e2e_s"] / pool["e2e_s"], 3),
         "gpu_collect_efficiency": round(plain["collect_s"] / pool["collect_s"], 3),
         "gpu_pool_seconds": pool, "gpu_plain_seconds": plain,
+        # The plain loop's A/B of two options of the Janus adapter, same process, same work:
+        "gpu_collect_prompts_per_s_plain_judge_after_generation": (
+            round(prompts / plain["collect_s_sequential"], 2) if "collect_s_sequential" in plain else None),
+        "gpu_judge_img_per_s_plain_channels_last": (
+            round(images / plain["judge_s_channels_last"], 1) if "judge_s_channels_last" in plain else None),
         "gpu_settings": {"prompts": prompts, "eval_images": images, "shapes": "Janus-Pro-1B, random weights",
                          "engine": f"{args.kv_dtype} KV cache, batch-invariant", "categories": len(CATEGORIES)},
     }
@@ -215,6 +245,10 @@ def main(argv=None) -> int:
     print(f"{args.kv_dtype + ' KV cache':36} {'pool':>10} {'plain':>10}")
     for name, a, b in rows:
         print(f"{name:36} {a:>10.2f} {b:>10.2f}")
+    for key, label, count in (("collect_s_sequential", "plain, judge after generation, prompts/s", prompts),
+                              ("judge_s_channels_last", "plain, decoder channels-last, img/s", images)):
+        if key in plain:
+            print(f"{label:47} {count / plain[key]:>10.2f}")
     print(f"pool efficiency (generate + decode + judge): {plain['e2e_s'] / pool['e2e_s']:.3f}; "
           f"collection: {plain['collect_s'] / pool['collect_s']:.3f}; unsafe fraction {pool['unsafe_fraction']}")
     if args.save:

@@ -103,6 +103,11 @@ class JanusAdapter:
         self._engine_mode, self._kv_dtype, self._max_batch = engine, kv_dtype, max_batch
         self._max_prompt_len = max_prompt_len
         self._batch_invariant = batch_invariant
+        # Judge one batch on a side CUDA stream while the engine generates the next (generate_and_judge).
+        self.overlap_judge = True
+        # The VQ decoder's convolutions in channels-last layout on CUDA (benchmarks/collect_gpu.py times both).
+        self.decoder_channels_last = False
+        self._decoder_layout = torch.contiguous_format
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -169,17 +174,68 @@ class JanusAdapter:
 
     @torch.no_grad()
     def generate_tokens(self, prompts: list[str], seeds: list[int], params: SamplingParams) -> torch.Tensor:
+        return self._generate_on_device(prompts, seeds, params).cpu()
+
+    def _generate_on_device(self, prompts: list[str], seeds: list[int], params: SamplingParams) -> torch.Tensor:
+        """Image tokens (B, N) on the model's device; on CUDA the work may still be in flight."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         input_ids, mask = self.generation_inputs(prompts)
         seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=self.device)
         engine = self._fast_engine()
         if engine is not None:
-            tokens = engine.generate(input_ids, mask, seed_tensor, params, self.bos_id, self.boi_id, self.pad_id)
-        else:
-            tokens = generate_image_tokens(self.model, input_ids, mask, seed_tensor, params, self.num_image_tokens,
-                                           self.bos_id, self.boi_id, self.pad_id)
-        return tokens.cpu()
+            return engine.generate(input_ids, mask, seed_tensor, params, self.bos_id, self.boi_id, self.pad_id)
+        return generate_image_tokens(self.model, input_ids, mask, seed_tensor, params, self.num_image_tokens,
+                                     self.bos_id, self.boi_id, self.pad_id)
+
+    @torch.no_grad()
+    def generate_and_judge(self, prompts: list[str], seeds: list[int], params: SamplingParams, categories: list[str],
+                           question: str, generate_batch: int, judge_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (B, N) and self-judged P(yes) per category (B, C), generated in batches of
+        `generate_batch` and decoded + judged in batches of `judge_batch` (both on the CPU when returned).
+
+        On the fast engine the decode + judge of batch i runs on a side CUDA stream while batch i+1
+        generates: the decode steps are bound by KV-cache bandwidth and the judge by arithmetic, so the
+        two can share the GPU instead of taking turns (`overlap_judge`; off: one after the other). The
+        same kernels on the same inputs: the same tokens and scores either way (tested on the GPU).
+        """
+        side = None
+        if self.overlap_judge and self.device.type == "cuda" and self._fast_engine() is not None:
+            side = torch.cuda.Stream(device=self.device)
+        main = torch.cuda.current_stream(self.device) if side is not None else None
+        tokens, probs, waiting = [], [], None  # waiting: (tokens, event) generated, not yet judged
+
+        def judge_on_side(batch_tokens: torch.Tensor, ready) -> None:
+            with torch.cuda.stream(side):
+                side.wait_event(ready)
+                probs.append(self._decode_and_judge(batch_tokens, categories, question, judge_batch))
+
+        for start in range(0, len(prompts), generate_batch):
+            batch_tokens = self._generate_on_device(prompts[start:start + generate_batch],
+                                                    seeds[start:start + generate_batch], params)  # (b, N)
+            tokens.append(batch_tokens)
+            if side is None:
+                probs.append(self._decode_and_judge(batch_tokens, categories, question, judge_batch))
+                continue
+            ready = torch.cuda.Event()
+            ready.record(main)
+            # Issue order matters: batch i+1's steps are queued before batch i's judge, whose host
+            # syncs (small copies) then wait for the side stream only, never for the generation.
+            if waiting is not None:
+                judge_on_side(*waiting)
+            waiting = (batch_tokens, ready)
+        if waiting is not None:
+            judge_on_side(*waiting)
+        if side is not None:
+            main.wait_stream(side)  # the copies below run on the main stream
+        num_cat = len(categories)
+        return (torch.cat(tokens).cpu() if tokens else torch.zeros(0, self.num_image_tokens, dtype=torch.long),
+                torch.cat(probs).float().cpu() if probs else torch.zeros(0, num_cat))
+
+    def _decode_and_judge(self, tokens: torch.Tensor, categories: list[str], question: str, batch: int) -> torch.Tensor:
+        """(B, C) P(yes) on the device for tokens (B, N), decoded with the served codebook."""
+        return torch.cat([self.judge(self.decode(tokens[i:i + batch]), categories, question).float()
+                          for i in range(0, tokens.shape[0], batch)])
 
     @torch.no_grad()
     def counterpart_tokens(self, prompts: list[str], seeds: list[int], tokens: torch.Tensor,
@@ -198,7 +254,13 @@ class JanusAdapter:
         side = vq.quantize.quant_state_dims
         codes = F.normalize(weight.to(self.device, self.dtype), dim=-1)[tokens.to(self.device)]  # (B, N, D)
         grid = codes.view(tokens.shape[0], side[0], side[1], -1).permute(0, 3, 1, 2)  # (B, D, h, w)
-        pixels = vq.decoder(vq.post_quant_conv(grid))  # (B, 3, H, W) in about [-1, 1]
+        on_cuda_nhwc = self.decoder_channels_last and self.device.type == "cuda"
+        layout = torch.channels_last if on_cuda_nhwc else torch.contiguous_format
+        if layout != self._decoder_layout:  # cuDNN's tensor-core convolutions want NHWC; convert the weights once
+            vq.post_quant_conv.to(memory_format=layout)
+            vq.decoder.to(memory_format=layout)
+            self._decoder_layout = layout
+        pixels = vq.decoder(vq.post_quant_conv(grid.contiguous(memory_format=layout)))  # (B, 3, H, W) in about [-1, 1]
         return ((pixels.float() + 1) / 2).clamp(0, 1)
 
     # ---- self-judge ----------------------------------------------------------------------------

@@ -246,3 +246,47 @@ def test_folder_with_truncated_weights(tmp_path, saved_folder):
     shutil.copytree(saved_folder, folder)
     (folder / "model.safetensors").write_bytes(b"\x00" * 16)
     load_error(folder)
+
+
+# ---- generate + judge --------------------------------------------------------------------------
+
+def _generate_then_judge(adapter: JanusAdapter, prompts, seeds, params, categories, generate_batch, judge_batch):
+    """The reference: each generation batch, then its decode + judge, one after the other."""
+    tokens = torch.cat([adapter.generate_tokens(prompts[i:i + generate_batch], seeds[i:i + generate_batch], params)
+                        for i in range(0, len(prompts), generate_batch)])
+    probs = torch.cat([adapter.judge(adapter.decode(tokens[i:i + judge_batch]), categories, QUESTION).float().cpu()
+                       for i in range(0, tokens.shape[0], judge_batch)])
+    return tokens, probs
+
+
+def test_generate_and_judge_equals_generating_then_judging(adapter):
+    from safecb.models.base import SamplingParams
+
+    prompts, seeds = ["red circle", "blood on grass", "a red circle on grass"], [3, 4, 5]
+    params = SamplingParams(guidance=3.0)
+    tokens, probs = adapter.generate_and_judge(prompts, seeds, params, ["blood", "red"], QUESTION, 2, 2)
+    ref_tokens, ref_probs = _generate_then_judge(adapter, prompts, seeds, params, ["blood", "red"], 2, 2)
+    assert tokens.shape == (3, adapter.num_image_tokens) and probs.shape == (3, 2)
+    assert tokens.device.type == probs.device.type == "cpu"
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.allclose(probs, ref_probs, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: no CUDA device")
+def test_gpu_judging_beside_generation_gives_the_same_tokens_and_scores(saved_folder):
+    """On the engine the judge of one batch runs on a side stream while the next batch generates: the
+    same kernels on the same inputs, so the same tokens and scores as one after the other."""
+    from safecb.models.base import SamplingParams
+
+    gpu = JanusAdapter.from_folder(saved_folder, device="cuda", dtype="bfloat16", engine="on", max_batch=4,
+                                   max_prompt_len=32)
+    prompts = ["red circle", "blood on grass", "a red circle on grass", "grass", "blood", "a circle", "red", "on"]
+    seeds, params, categories = list(range(8)), SamplingParams(guidance=3.0), ["blood", "red"]
+    overlapped = gpu.generate_and_judge(prompts, seeds, params, categories, QUESTION, 4, 2)
+    gpu.overlap_judge = False
+    sequential = gpu.generate_and_judge(prompts, seeds, params, categories, QUESTION, 4, 2)
+    reference = _generate_then_judge(gpu, prompts, seeds, params, categories, 4, 2)
+    assert torch.equal(overlapped[0], sequential[0]) and torch.equal(overlapped[0], reference[0])
+    assert torch.equal(overlapped[1], sequential[1])
+    assert (overlapped[1] - reference[1]).abs().max() < 1e-3
