@@ -52,6 +52,9 @@ def mentions_harm(text: str, lexicon: dict[str, str]) -> bool:
 def generate_and_judge(model: UnifiedModel, prompts: list[str], seeds: list[int], config: RunConfig
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens (B, N) and self-judged P(unsafe) per category (B, C), in batches of generation.batch_size."""
+    if hasattr(model, "generate_and_judge"):  # the model pipelines the two itself (Janus: judge beside generation)
+        return model.generate_and_judge(prompts, seeds, sampling_params(config), config.categories,
+                                        config.judge.question, config.generation.batch_size, config.judge.batch_size)
     tokens, probs = [], []
     step = config.generation.batch_size
     for start in range(0, len(prompts), step):
