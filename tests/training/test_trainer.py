@@ -10,7 +10,7 @@ parent 0), and it is the reference the other builds are held to. Every further b
 A fit costs ~25 s of fixed start-up on 2 cores (Ray Train, workers, DeepSpeed, process group, model
 load) plus ~0.05 s a step at batch 8 and ~1 s a held-out check (a checkpoint reported to Ray Train):
 the steps are few, the checks frequent enough that a worker can be killed between two of them.
-The file takes ~3 minutes: one loop, three fits (one of them restarted).
+The file takes ~2 minutes: one loop (one fit), one 2-worker fit restarted after a kill.
 
 """
 
@@ -131,17 +131,55 @@ def registered_step(folder: Path) -> int | None:
     return latest["metrics"]["step"]
 
 
-# ---- 1. data parallel ----------------------------------------------------------------------------
-def test_two_workers_build_the_codebook_one_worker_builds(built, tmp_path):
+# ---- 1-2. data parallel, and a worker that dies ---------------------------------------------------
+@dataclass
+class KilledFit:
+    codebook: torch.Tensor
+    params: dict
+    killed_pid: int
+    killed_at: int  # the step of the last checkpoint Ray Train had registered when the worker was killed
+
+
+@pytest.fixture(scope="module")
+def two_workers_one_killed(built, tmp_path_factory) -> KilledFit:
+    """v1 built again by 2 data-parallel workers, one of them SIGKILLed after the first registered
+    checkpoint: Ray Train restarts the group and it resumes there. One fit serves both checks below
+    (2 workers = 1 worker; a killed worker resumes from its checkpoint), as a resume can only carry
+    a difference between 1 and 2 workers forward, never remove it."""
+    config, store, root = fresh_copy(built, tmp_path_factory.mktemp("killed"),
+                                     trainer={"num_workers": 2, "max_failures": 1})
+    checkpoints = root / "trainer" / "iter=0001"
+    before = set(train_workers())  # none expected: never kill a worker this test did not see start
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = build(built, config, store)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertions below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    wait_for(lambda: registered_step(checkpoints) is not None, thread.is_alive, "the first checkpoint", WAIT_S)
+    workers = [pid for pid in train_workers() if pid not in before]
+    assert len(workers) == 2, [cmdline(p)[:80] for p in workers]
+    killed_at = registered_step(checkpoints)
+    os.kill(workers[0], signal.SIGKILL)
+    thread.join(WAIT_S)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+    codebook, params = outcome["result"]
+    return KilledFit(codebook, params, workers[0], killed_at)
+
+
+def test_two_workers_build_the_codebook_one_worker_builds(built, two_workers_one_killed):
     assert len(built.generations) == 4 and all(r.rows > 0 for r in built.pairs), "expected 4 shards, each with pairs"
     assert built.params["aligned_pairs"] >= 2, "expected aligned pairs (the Harmful Space) in both ranks' shards"
-    config, store, _ = fresh_copy(built, tmp_path, trainer={"num_workers": 2})
-    two, params = build(built, config, store)
+    two, params = two_workers_one_killed.codebook, two_workers_one_killed.params
     one = built.codebook
     v0 = built.store.read_codebook(0)[0]["codebook"]  # the parent
 
     assert built.params["trainer_workers"] == 1 and params["trainer_workers"] == 2
-    assert built.params["resumed_from_step"] is None and params["resumed_from_step"] is None
+    assert built.params["resumed_from_step"] is None
     assert built.params["finetune_steps"] == params["finetune_steps"] == STEPS
     for key in ("pairs", "aligned_pairs", "differences", "space_rank", "space_energy", "harmful_codes", "moved_codes",
                 "projection_shift", "finetune_stopped_early"):
@@ -157,36 +195,14 @@ def test_two_workers_build_the_codebook_one_worker_builds(built, tmp_path):
     assert diff < 1e-5, f"1 and 2 workers trained different codebooks: max |Δ| = {diff:.2e}"
 
 
-# ---- 2. a worker dies --------------------------------------------------------------------------
-def test_a_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(built, tmp_path):
-    config, store, root = fresh_copy(built, tmp_path, trainer={"num_workers": 1, "max_failures": 1})
-    checkpoints = root / "trainer" / "iter=0001"
-    before = set(train_workers())  # none expected: never kill a worker this test did not see start
-    outcome: dict = {}
-
-    def fit():
-        try:
-            outcome["result"] = build(built, config, store)
-        except BaseException as err:  # noqa: BLE001 - reported by the assertions below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
-    wait_for(lambda: registered_step(checkpoints) is not None, thread.is_alive, "the first checkpoint", WAIT_S)
-    workers = [pid for pid in train_workers() if pid not in before]
-    assert len(workers) == 1, [cmdline(p)[:80] for p in workers]
-    killed_at = registered_step(checkpoints)
-    assert killed_at < STEPS, "the fit reached its last step before the kill"
-    os.kill(workers[0], signal.SIGKILL)
-    thread.join(WAIT_S)
-    assert not thread.is_alive() and "error" not in outcome, outcome
-
-    codebook, params = outcome["result"]
-    assert workers[0] not in train_workers(), "the killed worker is still alive"
+def test_a_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(two_workers_one_killed):
+    killed = two_workers_one_killed
+    assert killed.killed_at < STEPS, "the fit reached its last step before the kill"
+    assert killed.killed_pid not in train_workers(), "the killed worker is still alive"
     # Resumed from a checkpoint at or after the one registered when the worker was killed.
-    assert params["resumed_from_step"] is not None and killed_at <= params["resumed_from_step"] < STEPS, params
+    params = killed.params
+    assert params["resumed_from_step"] is not None and killed.killed_at <= params["resumed_from_step"] < STEPS, params
     assert params["finetune_steps"] == STEPS
-    assert (codebook - built.codebook).abs().max().item() < 1e-5
 
 
 # ---- 3-4. refusals: one line -------------------------------------------------------------------
