@@ -72,9 +72,9 @@ def eval_samples(store, prompt_ids: list[str] | None = None, per_split: int = 4)
 
     if not store.has_manifest(0):
         raise ImagesError(f"{store.url}: no finished iteration 0 (expected a safecb run folder)")
-    records = store.read_manifest(0).shards.get(EVAL_KIND, [])
-    table = store.read_table(store.read_manifest(0), EVAL_KIND, GENERATION_SCHEMA,
-                             columns=["prompt_id", "prompt", "sample_index", "tokens"]) if records else None
+    manifest = store.read_manifest(0)
+    table = store.read_table(manifest, EVAL_KIND, GENERATION_SCHEMA, columns=["prompt_id", "prompt", "sample_index",
+                                                                               "tokens"]) if manifest.shards.get(EVAL_KIND) else None
     if table is None or table.num_rows == 0:
         raise ImagesError(f"{store.url}/iter=0000: no eval images")
     snapshot = read_prompt_range(store, EVAL_KIND, 0, snapshot_rows(store, EVAL_KIND))
@@ -234,7 +234,8 @@ def write_png(image, out: str, storage_options: dict | None = None) -> None:
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
-    fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
+    # The run's storage options are for object stores: a plain local path takes none.
+    fs, path = fsspec.core.url_to_fs(out, **(storage_options or {} if "://" in out else {}))
     if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
         import os
         import tempfile
