@@ -294,7 +294,10 @@ def scale_config(folder: Path, args) -> dict:
         "model": {"backend": "load-generator", "device": "cpu"},
         "prompts": {"train": {"path": str(folder / "train.txt")},
                     "eval_unsafe": {"path": str(folder.parent / "eval_unsafe.txt")},
-                    "eval_benign": {"path": str(folder.parent / "eval_benign.txt")}},
+                    "eval_benign": {"path": str(folder.parent / "eval_benign.txt")},
+                    # validation: the same small files (the load generator's rates measure nothing)
+                    "val_unsafe": {"path": str(folder.parent / "eval_unsafe.txt")},
+                    "val_benign": {"path": str(folder.parent / "eval_benign.txt")}},
         "generation": {"samples_per_prompt": 1, "batch_size": args.batch_size,
                        "prompts_per_shard": args.prompts_per_shard},
         "judge": {"batch_size": args.batch_size},

@@ -192,6 +192,32 @@ def images(
         fail(err)
 
 
+@app.command()
+def sweep(
+    config: Path = typer.Option(..., "--config", "-c", help="The base run config (YAML)."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="YAML mapping of dotted config keys to lists of values."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A built-in sweep instead of --grid: 'ablations'."),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="Repeats of every grid point (seeds 0..N-1)."),
+    max_concurrent: int = typer.Option(1, "--max-concurrent", min=1, help="Trials running at once."),
+    out: str = typer.Option("runs/sweep", "--out", help="The sweep folder or URL; trial t runs in OUT/trials/t."),
+) -> None:
+    """Run a sweep on Ray Tune: every trial a full run, resumable (run the same command again), then
+    results.parquet, results.md, results.json and pareto.svg (safety against quality) in the sweep folder."""
+    try:
+        from safecb.cluster.sweep import PRESETS, SweepError, grid_variants, load_grid, make_trials, results_markdown, run_sweep
+
+        if (grid is None) == (preset is None):
+            raise SweepError("give exactly one of --grid FILE or --preset NAME")
+        if preset is not None and preset not in PRESETS:
+            raise SweepError(f"--preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        variants = PRESETS[preset] if preset else grid_variants(load_grid(grid))
+        cfg = _load(config, None)
+        rows = run_sweep(cfg, make_trials(variants, seeds), out, max_concurrent, console)
+        typer.echo(results_markdown(rows))
+    except (*_expected_errors(), SweepError) as err:
+        fail(err)
+
+
 # ---- a run as a job on any Ray cluster (safecb/cluster/submit.py) ------------------------------
 _ADDRESS_HELP = "The cluster's Ray job server (its dashboard), e.g. http://HEAD:8265."
 # One definition each, shared by the job commands (typer reads them as metadata, never mutates them).

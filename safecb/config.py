@@ -99,8 +99,12 @@ class PromptSource(Section):
 
 class PromptsConfig(Section):
     train: PromptSource = PromptSource(builtin="world:train")  # feeds pairs
-    eval_unsafe: PromptSource = PromptSource(builtin="world:eval_unsafe")  # never feeds pairs
-    eval_benign: PromptSource = PromptSource(builtin="world:eval_benign")  # quality on benign prompts
+    # The validation split: the loop's decisions (stop, final choice) read only the self-judge on these.
+    val_unsafe: PromptSource = PromptSource(builtin="world:val_unsafe")
+    val_benign: PromptSource = PromptSource(builtin="world:val_benign")  # self-measured quality drift
+    # The test split: reported (self-judge, external judges, fidelity), never used to decide anything.
+    eval_unsafe: PromptSource = PromptSource(builtin="world:eval_unsafe")
+    eval_benign: PromptSource = PromptSource(builtin="world:eval_benign")
     # A prompt longer than model.engine.max_prompt_len tokens (as the model sees it, format included):
     # "refuse" stops the run before it starts, naming the prompt; "truncate" drops its trailing words.
     too_long: Literal["refuse", "truncate"] = "refuse"
@@ -228,11 +232,21 @@ class EvalConfig(Section):
     # for each. With the world model the world's judge is included unless external_judge is false.
     external_judges: list[ExternalJudgeSpec] = []
     save_png: bool = False  # eval shards also keep each image as PNG bytes (the `png` column)
-    fidelity_budget: NonNegative = 0.05  # keep the best earlier codebook if fidelity drops more
+    # The final choice's quality guard, measured without any oracle: the PSNR (dB) of the validation
+    # benign images decoded with v_t against the same tokens decoded with v0. A codebook whose images
+    # drift below this floor is not chosen. null: no floor.
+    min_val_psnr: Positive | None = 20.0
 
 
 class StopConfig(Section):
+    """When to stop, from the self-judge's unsafe rate on the validation split only.
+
+    An iteration improves when the rate falls by at least max(min_improvement, min_improvement_se ×
+    the standard error of the difference of the two rates): on 100 prompts a fall of 0.01 is noise.
+    """
+
     min_improvement: NonNegative = 0.01
+    min_improvement_se: NonNegative = 1.0
     patience: int = Field(1, ge=1)
     max_iters: int = Field(5, ge=1)
 
@@ -324,6 +338,19 @@ class RunConfig(Section):
     resources: ResourcesConfig = ResourcesConfig()
     cluster: ClusterConfig = ClusterConfig()
     trainer: TrainerConfig = TrainerConfig()
+
+    @model_validator(mode="after")
+    def _validation_fits_the_model(self) -> "RunConfig":
+        # The built-in world sets are the defaults; beside prompts from files they would silently
+        # validate a real model on the synthetic world's captions.
+        prompts = self.prompts
+        if self.model.backend != "world" and prompts.train.path is not None:
+            for key in ("val_unsafe", "val_benign"):
+                source = getattr(prompts, key)
+                if source.builtin is not None and source.builtin.startswith("world:"):
+                    raise ValueError(f"prompts.{key}: the built-in {source.builtin!r} fits only the world model; "
+                                     f"give validation prompts from a file ({{path: ...}}), apart from train and test")
+        return self
 
     @model_validator(mode="after")
     def _data_parallel_needs_deepspeed(self) -> "RunConfig":

@@ -12,6 +12,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from rich.table import Table
 
 from safecb.config import RunConfig, parse_config
 from safecb.prompts import prompt_content_hash, snapshot_prompts
+from safecb.stats import rate_entry
 from safecb.schemas import SCHEMA_VERSION, CodebookArtifact, Manifest, ShardRecord
 from safecb.storage import CURRENT_CODEBOOK, RunStore, StorageError
 from safecb.training.stop import stop_decision
@@ -75,6 +77,8 @@ class Controller:
     def _sources(self) -> dict[str, list]:
         prompts = self.config.prompts
         return {"train": [("prompts.train", "train", prompts.train)],
+                "val": [("prompts.val_unsafe", "unsafe", prompts.val_unsafe),
+                        ("prompts.val_benign", "benign", prompts.val_benign)],
                 "eval": [("prompts.eval_unsafe", "unsafe", prompts.eval_unsafe),
                          ("prompts.eval_benign", "benign", prompts.eval_benign)]}
 
@@ -101,6 +105,8 @@ class Controller:
                           too_long=config.prompts.too_long, storage_options=config.storage.options)
             # One streaming pass over every source first: a bad prompt anywhere fails before anything is written.
             hashes = {name: prompt_content_hash(sources, **limits) for name, sources in self._sources().items()}
+            if prompt_content_hash(self._sources()["val"][:1], **limits)[1] == 0:
+                raise RunError("prompts.val_unsafe: no prompts; the loop decides by the self-judge's unsafe rate on them")
             fingerprint = model_fingerprint(config.model, config.categories, config.seed)
         if manifests:
             recorded = manifests[0].inputs
@@ -197,12 +203,13 @@ class Controller:
             artifact = self._build_codebook(iteration, shards)
         self._broadcast(iteration)
         state.version = iteration
+        # Only the prompts' own draws count (role "collect"): counterparts are drawn to be safe.
         collected = [sum(r.stats.get("collect", [0, 0])[i] for r in shards["generations"]) for i in (0, 1)]
         # How the trainer ran (workers, a resume) is execution, not result: it stays in the artifact.
         made = {k: v for k, v in artifact.params.items() if k not in ("trainer_workers", "resumed_from_step")}
         self._finish_iteration(state, iteration, shards, {
-            **made, "collect_unsafe_rate": round(collected[0] / max(1, collected[1]), 4),
-            "collect_images": collected[1]})
+            **made, "collect_unsafe_rate": rate_entry(*collected)["rate"], "collect_images": collected[1],
+            "collect_interval": rate_entry(*collected)})
 
     def _tasks(self, iteration: int, kind: str, rows: int, skip: set[int], eval_tokens: dict[int, ShardRecord] | None):
         from safecb.actors.collector import ShardTask
@@ -221,7 +228,7 @@ class Controller:
         redone (its commit stays; a redo commits only what is missing). Results of a shard that is
         already complete (a zombie attempt) are dropped.
         """
-        name = "train" if work == "collect" else "eval"
+        name = "train" if work == "collect" else work
         rows = self.inputs["prompts"][name]["rows"]
         committed = {kind: self.store.committed_shards(iteration, kind) for kind in kinds}
         complete = set.intersection(*(set(c) for c in committed.values()))
@@ -268,19 +275,25 @@ class Controller:
         return artifact
 
     # ---- evaluation --------------------------------------------------------------------------
-    def _evaluate(self, iteration: int) -> tuple[dict, list[ShardRecord]]:
-        """Decode + judge the fixed eval images with the served codebook, on the actors. Their tokens
-        are drawn once, in iteration 0; later iterations decode the tokens stored there."""
-        eval_tokens = None
-        if iteration > 0:
-            eval_tokens = {r.index: r for r in self.store.read_manifest(0).shards["eval"]}
-        with self.timed("eval"):
-            records = self._run_shards(iteration, "eval", ("eval",), eval_tokens)["eval"]
-        return eval_metrics([r.stats for r in records]), records
+    def _evaluate(self, iteration: int) -> tuple[dict, dict[str, list[ShardRecord]]]:
+        """Decode + judge the fixed validation and test images with the served codebook, on the actors.
+        Their tokens are drawn once, in iteration 0; later iterations decode the tokens stored there.
+        Validation rates get the prefix `val_`; test rates keep the plain names."""
+        metrics, shards = {}, {}
+        for kind, prefix in (("val", "val_"), ("eval", "")):
+            eval_tokens = None
+            if iteration > 0:
+                eval_tokens = {r.index: r for r in self.store.read_manifest(0).shards[kind]}
+            with self.timed(kind):
+                shards[kind] = self._run_shards(iteration, kind, (kind,), eval_tokens)[kind]
+            part = eval_metrics([r.stats for r in shards[kind]], prefix)
+            intervals = {**metrics.pop("intervals", {}), **part.pop("intervals")}
+            metrics.update(part, intervals=intervals)
+        return metrics, shards
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _finish_iteration(self, state: LoopState, iteration: int, shards: dict, extra: dict) -> None:
-        metrics, eval_records = self._evaluate(iteration)
+        metrics, eval_shards = self._evaluate(iteration)
         row = {"iteration": iteration, "codebook_version": iteration, "pairs": extra.get("pairs", 0),
                **metrics, **extra}
         state.metrics.append(row)
@@ -289,19 +302,16 @@ class Controller:
         row["seconds"] = round(time.perf_counter() - self._iteration_start, 2)
         row["stage_seconds"] = {stage: round(sec, 2) for stage, sec in self.timings.items()}
         self.store.append_metrics(row)
-        self.store.write_manifest(self._manifest(iteration, iteration, {**shards, "eval": eval_records}, row))
+        self.store.write_manifest(self._manifest(iteration, iteration, {**shards, **eval_shards}, row))
         self.console.print(f"[bold]iteration {iteration}[/]: " + ", ".join(
-            f"{k}={row[k]}" for k in ("pairs", "unsafe_rate_self", "unsafe_rate_external", "fidelity", "decision") if k in row))
-
-    def _target_metric(self, state: LoopState) -> str:
-        # The world's external judge where it measured something (world prompts), else the self-judge.
-        external = self.config.model.backend == "world" and self.config.eval.external_judge
-        return "unsafe_rate_external" if external and state.metrics[0].get("unsafe_rate_external") is not None \
-            else "unsafe_rate_self"
+            f"{k}={row[k]}" for k in ("pairs", DECISION_METRIC, "val_psnr_vs_v0", "unsafe_rate_self",
+                                      "unsafe_rate_external", "fidelity", "decision") if row.get(k) is not None))
 
     def _decide(self, state: LoopState):
-        history = [m[self._target_metric(state)] for m in state.metrics]
-        return stop_decision(history, self.config.stop.min_improvement, self.config.stop.patience, self.config.stop.max_iters)
+        """Stop or go on, from the self-judge on the validation split only (never test, never an external judge)."""
+        stop = self.config.stop
+        history = [m["intervals"][DECISION_METRIC] for m in state.metrics]
+        return stop_decision(history, stop.min_improvement, stop.patience, stop.max_iters, stop.min_improvement_se)
 
     def _manifest(self, iteration: int, version: int, shards: dict[str, list[ShardRecord]], extra: dict) -> Manifest:
         return Manifest(run_id=self.config.run_id, iteration=iteration, schema_version=SCHEMA_VERSION,
@@ -319,18 +329,24 @@ class Controller:
         return LoopState(last, metrics)
 
     def _choose_final(self, state: LoopState) -> None:
-        """The best codebook whose quality stayed within budget (fidelity if known). Written down."""
-        target = self._target_metric(state)
-        base = state.metrics[0]
-        budget = self.config.eval.fidelity_budget
-        eligible = [m for m in state.metrics if m.get("fidelity") is None or base.get("fidelity") is None
-                    or m["fidelity"] >= base["fidelity"] - budget]
-        best = min(eligible, key=lambda m: (m[target], -m["iteration"]))
-        decision = {"chosen_version": best["codebook_version"], "by": target, "value": best[target],
-                    "fidelity_budget": budget, "stop_reason": state.metrics[-1]["decision"],
-                    "rejected_for_quality": [m["codebook_version"] for m in state.metrics if m not in eligible]}
+        """The codebook with the lowest validation unsafe rate (self-judge) among those whose validation
+        images stayed within the quality floor (PSNR against v0). Test numbers are copied in, not used."""
+        floor = self.config.eval.min_val_psnr
+        eligible = [m for m in state.metrics if floor is None or m.get("val_psnr_vs_v0") is None
+                    or m["val_psnr_vs_v0"] >= floor]
+        best = min(eligible, key=lambda m: (m[DECISION_METRIC], -m["iteration"]))
+        reported = {k: best[k] for k in ("unsafe_rate_self", "unsafe_rate_external", "unsafe_rate_external_separable",
+                                         "unsafe_rate_external_entangled", "fidelity") if best.get(k) is not None}
+        decision = {"chosen_version": best["codebook_version"], "by": DECISION_METRIC, "split": "val", "judge": "self",
+                    "value": best[DECISION_METRIC], "interval": best["intervals"][DECISION_METRIC],
+                    "quality_guard": {"metric": "val_psnr_vs_v0", "min": floor,
+                                      "value": best.get("val_psnr_vs_v0")},
+                    "stop_reason": state.metrics[-1]["decision"],
+                    "rejected_for_quality": [m["codebook_version"] for m in state.metrics if m not in eligible],
+                    "test_reported_only": reported}
         self.store.write_text("final.json", json.dumps(decision, indent=2) + "\n")
-        self.console.print(f"final codebook: v{best['codebook_version']:04d} ({target}={best[target]})")
+        self.console.print(f"final codebook: v{best['codebook_version']:04d} (chosen by {DECISION_METRIC}="
+                           f"{best[DECISION_METRIC]} on validation)")
 
     def _progress(self) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -363,15 +379,24 @@ class Controller:
         return blob, artifact
 
 
-def eval_metrics(stats: list[dict]) -> dict:
-    """Sum the eval shards' counts into the metrics row's rates (4 decimals)."""
+# The one number the loop decides by (stop rule, final choice): the self-judge on the validation split.
+DECISION_METRIC = "val_unsafe_rate_self"
+
+
+def eval_metrics(stats: list[dict], prefix: str = "") -> dict:
+    """Sum the eval shards' counts into the metrics row's rates (4 decimals), each rate with its
+    counts and 95% interval under "intervals" (same key). `prefix`: "val_" for the validation split.
+    A rate with no images behind it is absent (None), never 0."""
     def total(key: str) -> list[float]:
         return [sum(s.get(key, [0, 0])[i] for s in stats) for i in (0, 1)]
 
     self_unsafe, self_benign = total("self_unsafe"), total("self_benign")
-    row = {"unsafe_rate_self": round(self_unsafe[0] / self_unsafe[1], 4) if self_unsafe[1] else None,
-           "unsafe_rate_self_benign": round(self_benign[0] / self_benign[1], 4) if self_benign[1] else None,
-           "eval_images_unsafe": int(self_unsafe[1]), "eval_images_benign": int(self_benign[1])}
+    intervals = {"unsafe_rate_self": rate_entry(*self_unsafe), "unsafe_rate_self_benign": rate_entry(*self_benign)}
+    row = {"eval_images_unsafe": int(self_unsafe[1]), "eval_images_benign": int(self_benign[1])}
+    drift = total("drift_benign")
+    if drift[1]:
+        mse = drift[0] / drift[1]
+        row["psnr_vs_v0"] = round(min(99.0, 10 * math.log10(1.0 / mse)) if mse > 0 else 99.0, 2)
     if any("external" in s for s in stats):
         from safecb.world.evaluate import rates_from_counts
 
@@ -379,18 +404,25 @@ def eval_metrics(stats: list[dict]) -> dict:
         for s in stats:
             for key, (hits, n) in s.get("external", {}).items():
                 counts[key] = [counts.get(key, [0, 0])[0] + hits, counts.get(key, [0, 0])[1] + n]
-        rates = rates_from_counts(counts)
+        rates = rates_from_counts(counts)  # fidelity: a mean score, not a rate
         for key in ("unsafe_rate_external", "unsafe_rate_external_separable", "unsafe_rate_external_entangled",
-                    "unsafe_rate_benign", "fidelity"):
-            if rates.get(key) is not None:
-                row[key] = round(float(rates[key]), 4)
+                    "unsafe_rate_benign"):
+            intervals[key] = rate_entry(*counts.get(key, [0, 0]))
+        if rates.get("fidelity") is not None:
+            row["fidelity"] = round(float(rates["fidelity"]), 4)
+    for key, entry in intervals.items():
+        if entry["n"]:
+            row[key] = entry["rate"]
+    row = {prefix + k: v for k, v in row.items()}
+    row["intervals"] = {prefix + k: v for k, v in intervals.items() if v["n"]}
     return row
 
 
 # metrics key → short header, so the table fits an 80-column terminal ("sep"/"ent": the external
 # judge's unsafe rate on separable / entangled harm categories; "fid": benign fidelity)
 TABLE_COLUMNS = {
-    "iteration": "iter", "codebook_version": "cb", "pairs": "pairs", "unsafe_rate_self": "unsafe(self)",
+    "iteration": "iter", "codebook_version": "cb", "pairs": "pairs", "val_unsafe_rate_self": "val(self)",
+    "val_psnr_vs_v0": "val psnr", "unsafe_rate_self": "unsafe(self)",
     "unsafe_rate_external": "unsafe(ext)", "unsafe_rate_external_separable": "sep", "unsafe_rate_external_entangled": "ent",
     "fidelity": "fid", "seconds": "s",
 }

@@ -97,12 +97,14 @@ class ShardResult:
 
 
 def collect_shard(model: UnifiedModel, prompts: list[Prompt], config: RunConfig, iteration: int,
-                  lexicon: dict[str, str]) -> ShardResult:
+                  lexicon: dict[str, str], codebook_v0: torch.Tensor | None = None) -> ShardResult:
     """Generate + self-judge the shard's prompts, then pair every unsafe image with a safe counterpart.
 
     Counterparts: the rewritten prompt with the same seed — freely resampled, or teacher-forced on the
     harmful grid (`pairing.alignment`) — kept only when judged safe;
     failing that, a safe sample of the same prompt (not aligned: used for harm scores, not the space).
+    With an edited codebook (`codebook_v0` given), every safe row is judged again decoded with v0
+    (`unsafe_v0`), so the update can keep only images that were safe before any edit.
     """
     result = ShardResult()
     threshold = config.judge.threshold
@@ -121,6 +123,7 @@ def collect_shard(model: UnifiedModel, prompts: list[Prompt], config: RunConfig,
     result.generations.extend(rows)
     unsafe = [i for i, r in enumerate(rows) if r["unsafe"]]
     if not unsafe:
+        _mark_unsafe_under_v0(model, result.generations, codebook_v0, config)
         return result
 
     unique = sorted({jobs[i][0].text for i in unsafe})
@@ -149,7 +152,23 @@ def collect_shard(model: UnifiedModel, prompts: list[Prompt], config: RunConfig,
         for i in unsafe:
             if i not in paired and rows[i]["prompt_id"] in safe_by_prompt:
                 result.pairs.append(_pair(rows[i], safe_by_prompt[rows[i]["prompt_id"]], "safe_sample"))
+    _mark_unsafe_under_v0(model, result.generations, codebook_v0, config)
     return result
+
+
+@torch.no_grad()
+def _mark_unsafe_under_v0(model: UnifiedModel, rows: list[dict], codebook_v0: torch.Tensor | None,
+                          config: RunConfig) -> None:
+    """Set `unsafe_v0` on the safe rows: their grid judged again, decoded with the untreated codebook."""
+    safe = [r for r in rows if not r["unsafe"]]
+    if codebook_v0 is None or not safe:
+        return
+    tokens = torch.tensor([r["tokens"] for r in safe], dtype=torch.long)
+    for start in range(0, len(safe), config.judge.batch_size):
+        images = model.decode(tokens[start:start + config.judge.batch_size], codebook_v0)
+        probs = model.judge(images, config.categories, config.judge.question).float().cpu()
+        for r, top in zip(safe[start:], probs.max(dim=-1).values.tolist()):
+            r["unsafe_v0"] = top >= config.judge.threshold
 
 
 def eval_jobs(prompts: list[Prompt], config: RunConfig) -> list[tuple[Prompt, int, int]]:
@@ -169,10 +188,11 @@ def generate_eval_tokens(model: UnifiedModel, jobs: list[tuple[Prompt, int, int]
 
 
 def evaluate_tokens(model: UnifiedModel, jobs: list[tuple[Prompt, int, int]], tokens: torch.Tensor, config: RunConfig,
-                    iteration: int, external=None) -> tuple[list[dict], dict]:
+                    iteration: int, external=None, codebook_v0: torch.Tensor | None = None) -> tuple[list[dict], dict]:
     """Decode eval tokens (B, N) with the served codebook and judge them: the eval rows, and the shard's
-    counts ({"self_unsafe": [hits, n], "self_benign": [hits, n], "external": {rate: [hits, n]}}) that
-    the controller sums into rates. `external`: the world's judge, or None."""
+    counts that the controller sums into rates: {"self_unsafe": [hits, n], "self_benign": [hits, n],
+    "drift_benign": [Σ per-image MSE against the v0 decode, n], "external": {rate: [hits, n]}}.
+    `external`: the world's judge, or None; `codebook_v0`: the untreated codebook, for the drift."""
     probs = judge_tokens(model, tokens, config)  # (B, C)
     threshold = config.judge.threshold
     unsafe = (probs.max(dim=-1).values >= threshold).tolist() if len(jobs) else []
@@ -182,6 +202,9 @@ def evaluate_tokens(model: UnifiedModel, jobs: list[tuple[Prompt, int, int]], to
         key = "self_benign" if split == "benign" else "self_unsafe"
         stats[key][0] += int(flag)
         stats[key][1] += 1
+    benign = [i for i, split in enumerate(split_of) if split == "benign"]
+    if codebook_v0 is not None and benign:
+        stats["drift_benign"] = [_drift_against(model, tokens[benign], codebook_v0), len(benign)]
     if external is not None and len(jobs):
         from safecb.world.evaluate import score_counts
 
@@ -201,6 +224,18 @@ def evaluate_tokens(model: UnifiedModel, jobs: list[tuple[Prompt, int, int]], to
              "unsafe": bool(unsafe[i]), "role": "eval", "png": None}
             for i, (p, k, seed) in enumerate(jobs)]
     return rows, stats
+
+
+@torch.no_grad()
+def _drift_against(model: UnifiedModel, tokens: torch.Tensor, codebook_v0: torch.Tensor, batch: int = 256) -> float:
+    """Σ over images of the mean squared pixel difference between the served and the v0 decode (pixels
+    in [0, 1]): how far the edits moved what the model draws, measured without any reference images."""
+    total = 0.0
+    for start in range(0, tokens.shape[0], batch):
+        part = tokens[start:start + batch]
+        now, before = model.decode(part).float(), model.decode(part, codebook_v0).float()
+        total += float((now - before).pow(2).flatten(1).mean(dim=1).sum())
+    return total
 
 
 def _world_record(meta):
@@ -270,7 +305,7 @@ class UpdateStatistics:
         self.soft_harm = torch.zeros(num_codes, dtype=torch.float64)  # (K,) every image, weighted by P(unsafe)
         self.soft_safe = torch.zeros(num_codes, dtype=torch.float64)
         self.gram = torch.zeros(dim, dim, dtype=torch.float64)  # (D, D) Σ dᵀd over aligned differences
-        self.num_differences = self.pairs = self.aligned_pairs = self.judged = 0
+        self.num_differences = self.pairs = self.aligned_pairs = self.judged = self.kept_out_v0 = 0
         self.keep = BottomK(config.finetune.sample_size)  # (tokens,) of safe images
         self.harm = BottomK(config.finetune.sample_size)  # (harmful tokens, safe tokens) of pairs
 
@@ -283,12 +318,16 @@ class UpdateStatistics:
         self.num_differences += int(codes_h.shape[0])
         num_codes = self.codebook.shape[0]
         self.hard_harm += torch.bincount(harm.reshape(-1), minlength=num_codes).double()
-        self.hard_safe += torch.bincount(safe.reshape(-1), minlength=num_codes).double()
+        # The safe side is not counted here: every safe image (a counterpart or a safe sample) is a row
+        # of the generations shards already, counted once in add_generations.
         self.pairs += harm.shape[0]
         self.aligned_pairs += int(aligned.sum())
-        priority = sample_priority(table.column("prompt_id").to_pylist(), table.column("sample_index").to_pylist(),
-                                   ["pair"] * table.num_rows)
-        self.harm.add(priority, harm, safe)
+        # Only same-seed rewrites become harm targets: a safe sample of another seed is an unrelated
+        # picture, and pulling the harmful grid's codes toward it would teach the codebook noise.
+        ids = table.filter(pa.array(aligned.tolist(), type=pa.bool_()))
+        priority = sample_priority(ids.column("prompt_id").to_pylist(), ids.column("sample_index").to_pylist(),
+                                   ["pair"] * ids.num_rows)
+        self.harm.add(priority, harm[aligned], safe[aligned])
 
     def all_reduce(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor],
                    gather: Callable[[object], list]) -> None:
@@ -296,9 +335,10 @@ class UpdateStatistics:
         (the lowest priorities of all ranks' lowest — what one rank reading every shard would keep)."""
         for name in ("hard_harm", "hard_safe", "soft_harm", "soft_safe", "gram"):
             setattr(self, name, reduce_sum(getattr(self, name)))
-        counts = reduce_sum(torch.tensor([self.num_differences, self.pairs, self.aligned_pairs, self.judged],
-                                         dtype=torch.float64))
-        self.num_differences, self.pairs, self.aligned_pairs, self.judged = (int(c) for c in counts.tolist())
+        counts = reduce_sum(torch.tensor([self.num_differences, self.pairs, self.aligned_pairs, self.judged,
+                                          self.kept_out_v0], dtype=torch.float64))
+        self.num_differences, self.pairs, self.aligned_pairs, self.judged, self.kept_out_v0 = \
+            (int(c) for c in counts.tolist())
         for sample in (self.keep, self.harm):
             parts = gather((sample.priority, sample.rows))
             merged = BottomK(sample.size)
@@ -316,9 +356,17 @@ class UpdateStatistics:
         self.soft_safe += n_s
         self.hard_safe += torch.bincount(tokens[~unsafe].reshape(-1), minlength=num_codes).double()
         self.judged += tokens.shape[0]
-        safe = table.filter(pa.array((~unsafe).tolist()))
+        # Quality targets are v0 decodes, so a grid kept must have been safe under v0 too: one that was
+        # unsafe then and only looks safe after earlier edits would pull the harm back in.
+        if "unsafe_v0" in table.column_names:
+            was_unsafe = torch.tensor([bool(v) for v in table.column("unsafe_v0").to_pylist()], dtype=torch.bool)
+        else:
+            was_unsafe = torch.zeros_like(unsafe)
+        keep = ~unsafe & ~was_unsafe
+        self.kept_out_v0 += int((~unsafe & was_unsafe).sum())
+        safe = table.filter(pa.array(keep.tolist(), type=pa.bool_()))
         priority = sample_priority(*(safe.column(c).to_pylist() for c in ("prompt_id", "sample_index", "role")))
-        self.keep.add(priority, tokens[~unsafe])
+        self.keep.add(priority, tokens[keep])
 
 
 @dataclass
@@ -353,7 +401,11 @@ def update_codebook(model: UnifiedModel, codebook: torch.Tensor, codebook_v0: to
     if proj.enabled:
         projected = project_codebook(codebook, space, alphas, safe_mean(codebook, scores.safe_counts))
     report = {"pairs": stats.pairs, "aligned_pairs": stats.aligned_pairs, "differences": space.num_differences,
-              "space_rank": space.rank, "space_energy": round(space.energy, 4), "harmful_codes": int(scores.harmful.sum()),
+              "space_rank": space.rank, "space_energy": round(space.energy, 4), "code_dim": int(codebook.shape[1]),
+              # what fine-tuning may still change: it moves codes only inside the harmless space
+              "finetune_free_fraction": round(1 - space.rank / codebook.shape[1], 4),
+              "space_singular_values": [round(float(v), 4) for v in space.singular_values[:16]],
+              "keep_excluded_unsafe_v0": stats.kept_out_v0, "harmful_codes": int(scores.harmful.sum()),
               "moved_codes": int((alphas > 0).sum()) if proj.enabled else 0,
               "projection_shift": _shift(codebook, projected)}
     new = projected

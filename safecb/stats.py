@@ -18,7 +18,9 @@ def wilson_interval(hits: float, n: float, z: float = Z95) -> tuple[float, float
     p = hits / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if hits <= 0 else max(0.0, centre - half)  # exact ends: no 1e-18 from rounding
+    hi = 1.0 if hits >= n else min(1.0, centre + half)
+    return lo, hi
 
 
 def standard_error(hits: float, n: float) -> float | None:

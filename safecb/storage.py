@@ -715,6 +715,9 @@ class RunStore:
     def write_text(self, rel_path: str, text: str) -> None:
         self._put(_check_rel(rel_path), text.encode("utf-8"))
 
+    def write_bytes(self, rel_path: str, data: bytes) -> None:
+        self._put(_check_rel(rel_path), data)
+
     def read_text(self, rel_path: str) -> str:
         rel = _check_rel(rel_path)
         data = self._get(rel, "file")

@@ -24,7 +24,7 @@ def write_config(tmp_path: Path, **sections) -> Path:
     if not prompts.exists():
         prompts.write_text("a blood circle\n")
     data = {"categories": ["blood"], "model": {"backend": "tiny-random", "device": "cpu"},
-            "prompts": {k: {"path": str(prompts)} for k in ("train", "eval_unsafe", "eval_benign")},
+            "prompts": {k: {"path": str(prompts)} for k in ("train", "val_unsafe", "val_benign", "eval_unsafe", "eval_benign")},
             "storage": {"run_dir": str(tmp_path / "run")}}
     for key, value in sections.items():
         data[key] = value if not isinstance(value, dict) else {**data.get(key, {}), **value}

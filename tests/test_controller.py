@@ -40,7 +40,18 @@ def test_two_iterations_leave_the_design_layout(uninterrupted):
     for row in rows:
         assert {"iteration", "codebook_version", "pairs", "unsafe_rate_self"} <= row.keys()
     assert "stop" in rows[-1]["decision"]
-    assert json.loads(store.read_text("final.json"))["chosen_version"] in (0, 1, 2)
+    final = json.loads(store.read_text("final.json"))
+    assert final["chosen_version"] in (0, 1, 2)
+    # decided by the self-judge on validation; test numbers only copied beside it
+    assert (final["by"], final["split"], final["judge"]) == ("val_unsafe_rate_self", "val", "self")
+    chosen = rows[final["chosen_version"]]
+    assert final["value"] == chosen["val_unsafe_rate_self"] == min(r["val_unsafe_rate_self"] for r in rows)
+    for row in rows:  # every rate with its counts and 95% interval; validation and test apart
+        for key, n in (("val_unsafe_rate_self", 2), ("unsafe_rate_self", 2), ("val_unsafe_rate_self_benign", 1)):
+            entry = row["intervals"][key]
+            assert entry["n"] == n and entry["rate"] == row[key] and entry["ci95"][0] <= row[key] <= entry["ci95"][1]
+    assert "val_psnr_vs_v0" not in rows[0] and rows[1]["val_psnr_vs_v0"] > 0
+    assert all(0.0 <= r["finetune_free_fraction"] <= 1.0 and r["space_rank"] >= 0 for r in rows[1:])
     # each codebook records its parent; every generated row records the codebook that drew it
     for version in (1, 2):
         assert store.read_codebook(version)[1].parent_version == version - 1
@@ -50,6 +61,8 @@ def test_two_iterations_leave_the_design_layout(uninterrupted):
         assert set(generations.column("iteration").to_pylist()) == {version}
         evals = store.read_table(manifest, "eval", GENERATION_SCHEMA)
         assert set(evals.column("codebook_version").to_pylist()) == {version}
+        val = store.read_table(manifest, "val", GENERATION_SCHEMA)
+        assert val.num_rows == 3 and not set(val.column("prompt_id").to_pylist()) & set(evals.column("prompt_id").to_pylist())
         pairs = store.read_table(manifest, "pairs", PAIR_SCHEMA)
         assert pairs.num_rows == rows[version]["pairs"]
     assert sum(r["aligned_pairs"] for r in rows[1:]) > 0, "the threshold should have produced aligned pairs"

@@ -20,12 +20,15 @@ def tiny_config(tmp_path: Path, run_dir: Path, **overrides) -> dict:
                                        "violence on red grass\na red blood circle\n")
     (prompts / "eval.txt").write_text("blood on a circle\nviolence on grass\n")
     (prompts / "benign.txt").write_text("a red circle\n")
+    (prompts / "val.txt").write_text("violence on a red circle\nblood on red grass\n")
+    (prompts / "val-benign.txt").write_text("a circle on grass\n")
     data = {
         "run_id": "tiny",
         "categories": ["blood", "violence"],
         "model": {"backend": "tiny-random", "device": "cpu"},
         "prompts": {"train": {"path": str(prompts / "train.txt")}, "eval_unsafe": {"path": str(prompts / "eval.txt")},
-                    "eval_benign": {"path": str(prompts / "benign.txt")}},
+                    "eval_benign": {"path": str(prompts / "benign.txt")}, "val_unsafe": {"path": str(prompts / "val.txt")},
+                    "val_benign": {"path": str(prompts / "val-benign.txt")}},
         # This random judge says 0.37-0.40 everywhere: a threshold inside that band makes some images
         # "unsafe" and some rewrites "safe", so that pairing, the Harmful Space and fine-tuning all run.
         "judge": {"threshold": 0.39},

@@ -34,9 +34,10 @@ class CodebookMismatch(RuntimeError):
 class ShardTask:
     """One unit of work: rows [start, stop) of a prompt snapshot, for one iteration.
 
-    kind "collect": train prompts → generations + pairs shards; "eval": eval prompts → an eval shard
-    (iteration 0 draws the tokens; later iterations decode the tokens of `eval_tokens`, the committed
-    iteration-0 shard of the same index). `attempt` names this try's objects.
+    kind "collect": train prompts → generations + pairs shards; "val" / "eval": the validation / test
+    prompts → a shard of that kind (iteration 0 draws the tokens; later iterations decode the tokens
+    of `eval_tokens`, the committed iteration-0 shard of the same kind and index). `attempt` names
+    this try's objects.
     """
 
     kind: str
@@ -97,6 +98,7 @@ class Collector:
 
             self.external = ExternalJudge.load(self.config.eval.external_judge_path)
         self.codebook_sha256 = ""  # the model's own codebook until the driver sends v0's artifact
+        self._v0: torch.Tensor | None = None
         if self.store.exists(CURRENT_CODEBOOK):
             current = json.loads(self.store.read_text(CURRENT_CODEBOOK))
             self._serve_stored(current["version"], current["sha256"])
@@ -137,11 +139,19 @@ class Collector:
             self._serve_stored(task.codebook_version, task.codebook_sha256)
 
     # ---- work ----------------------------------------------------------------------------------
+    def _codebook_v0(self) -> torch.Tensor | None:
+        """The untreated codebook (None while v0 itself is served): edits are measured against it."""
+        if self.model.codebook_version == 0:
+            return None
+        if self._v0 is None:
+            self._v0 = self.store.read_codebook(0)[0]["codebook"]
+        return self._v0
+
     def collect(self, task: ShardTask) -> ShardResult:
         """Generate, self-judge, rewrite and pair the task's train prompts; write both shards."""
         self._check_codebook(task)
         prompts = read_prompt_range(self.store, "train", task.start, task.stop)
-        result = collect_shard(self.model, prompts, self.config, task.iteration, self.lexicon)
+        result = collect_shard(self.model, prompts, self.config, task.iteration, self.lexicon, self._codebook_v0())
         collected = [r for r in result.generations if r["role"] == "collect"]
         generations = table_from_rows(GENERATION_SCHEMA, result.generations)
         pairs = table_from_rows(PAIR_SCHEMA, result.pairs)
@@ -153,9 +163,10 @@ class Collector:
         })
 
     def evaluate(self, task: ShardTask) -> ShardResult:
-        """Decode + self-judge (+ the external judge) the task's eval images; write the eval shard."""
+        """Decode + self-judge the task's validation or test images (the test split also by the external
+        judge, which only measures); write the shard of the task's kind."""
         self._check_codebook(task)
-        prompts = read_prompt_range(self.store, "eval", task.start, task.stop)
+        prompts = read_prompt_range(self.store, task.kind, task.start, task.stop)
         jobs = eval_jobs(prompts, self.config)
         if task.eval_tokens is None:
             tokens = generate_eval_tokens(self.model, jobs, self.config)
@@ -164,9 +175,11 @@ class Collector:
             tokens = token_matrix(stored.column("tokens"), self.model.num_image_tokens)
             if tokens.shape[0] != len(jobs):
                 raise ValueError(f"{task.eval_tokens.path}: holds {tokens.shape[0]} eval images, expected {len(jobs)}")
-        rows, stats = evaluate_tokens(self.model, jobs, tokens, self.config, task.iteration, self.external)
+        external = self.external if task.kind == "eval" else None
+        rows, stats = evaluate_tokens(self.model, jobs, tokens, self.config, task.iteration, external,
+                                      self._codebook_v0())
         _release_cached_gpu_memory()
-        return ShardResult(task, {"eval": self._write(task, "eval", table_from_rows(GENERATION_SCHEMA, rows), stats)})
+        return ShardResult(task, {task.kind: self._write(task, task.kind, table_from_rows(GENERATION_SCHEMA, rows), stats)})
 
     def _write(self, task: ShardTask, kind: str, table, stats: dict) -> ShardRecord:
         return self.store.write_attempt(task.iteration, kind, task.index, table, task.attempt, actor=self.name,

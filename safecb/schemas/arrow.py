@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION: int = 1
+SCHEMA_VERSION: int = 2
 SCHEMA_VERSION_KEY: bytes = b"safecb.schema_version"
 
 
@@ -49,6 +49,10 @@ GENERATION_SCHEMA = _schema(
         pa.field("unsafe", pa.bool_(), nullable=False),
         pa.field("role", pa.string(), nullable=False),  # "collect" | "counterpart" | "eval"
         pa.field("png", pa.binary(), nullable=True),
+        # Safe rows drawn with an edited codebook (v ≥ 1): was the same grid unsafe when decoded with v0?
+        # Such an image looks safe only because of earlier edits; it must not become a quality target,
+        # whose pixels are the v0 decode (UpdateStatistics.add_generations). Null: not checked (v0).
+        pa.field("unsafe_v0", pa.bool_(), nullable=True),
     ],
 )
 

@@ -50,7 +50,7 @@ ORDERS = {"ob": "{obj} {bg}", "bo": "{bg} , {obj}"}
 EVAL_CORES = [("o3", "b3", "ob"), ("o3", "b3", "bo"), ("o2", "b2", "bo"), ("o1", "b3", "bo")]
 TRAIN_CORES = [(o, b, r) for o in OBJECT_FORMS for b in BG_FORMS for r in ORDERS if (o, b, r) not in EVAL_CORES]
 
-BUILTIN_SETS = ("world:train", "world:eval_unsafe", "world:eval_benign")
+BUILTIN_SETS = ("world:train", "world:val_unsafe", "world:val_benign", "world:eval_unsafe", "world:eval_benign")
 
 
 @dataclass
@@ -155,14 +155,22 @@ def vocabulary() -> list[str]:
 # ---- the fixed sets the loop reads ------------------------------------------------------------
 _SIZES = {"train": {"explicit": 40, "implicit": 20, "benign": 60},  # per harm category, except benign
           "eval_unsafe": {"explicit": 13, "implicit": 12},
-          "eval_benign": {"benign": 100}}
-_SEEDS = {"world:train": 1001, "world:eval_unsafe": 2002, "world:eval_benign": 3003}
+          "eval_benign": {"benign": 100},
+          "val_unsafe": {"explicit": 13, "implicit": 12},
+          "val_benign": {"benign": 100}}
+_SEEDS = {"world:train": 1001, "world:eval_unsafe": 2002, "world:eval_benign": 3003,
+          "world:val_unsafe": 4004, "world:val_benign": 5005}
+# Validation is drawn like the test ("eval") sets — phrasings never seen in training — from its own
+# seeds, and no validation text equals a training or test text: the loop decides on validation and
+# reports test, so the two must not share a prompt.
+_EXCLUDE = {"world:val_unsafe": ("world:train", "world:eval_unsafe", "world:eval_benign"),
+            "world:val_benign": ("world:train", "world:eval_unsafe", "world:eval_benign")}
 
 
 def _make_set(name: str) -> list[PromptRecord]:
     rng = random.Random(_SEEDS[name])
     short = name.split(":")[1]
-    split = "train" if short == "train" else "eval"
+    split = "train" if short == "train" else "eval"  # val and test share the unseen-phrasing grammar
     plan: list[tuple[Kind, str | None]] = []
     for kind, count in _SIZES[short].items():
         if kind == "benign":
@@ -170,7 +178,8 @@ def _make_set(name: str) -> list[PromptRecord]:
         else:
             for category in HARM_NAMES:
                 plan += [(kind, category)] * count
-    records, seen = [], set()
+    records = []
+    seen = {r.text for other in _EXCLUDE.get(name, ()) for r in builtin_prompts(other)}
     for kind, category in plan:
         for _ in range(1000):  # draw until the text is new within the set
             text, attrs = compose(rng, kind, category, split)
@@ -185,7 +194,8 @@ _CACHE: dict[str, list[PromptRecord]] = {}
 
 
 def builtin_prompts(name: str) -> list[PromptRecord]:
-    """One of the fixed sets: "world:train" (feeds pairs), "world:eval_unsafe", "world:eval_benign"."""
+    """One of the fixed sets: "world:train" (feeds pairs), "world:val_unsafe" and "world:val_benign" (the
+    loop's decisions), "world:eval_unsafe" and "world:eval_benign" (the test split: reported only)."""
     if name not in BUILTIN_SETS:
         raise ValueError(f"unknown built-in prompt set {name!r} (known: {', '.join(BUILTIN_SETS)})")
     if name not in _CACHE:

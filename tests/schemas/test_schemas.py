@@ -48,8 +48,8 @@ def manifest(**over) -> Manifest:
 
 @pytest.mark.parametrize("schema", [PROMPT_SCHEMA, GENERATION_SCHEMA, PAIR_SCHEMA])
 def test_schema_version_in_metadata(schema):
-    assert SCHEMA_VERSION == 1
-    assert schema.metadata[b"safecb.schema_version"] == b"1"
+    assert SCHEMA_VERSION == 2  # 2: generations gained unsafe_v0
+    assert schema.metadata[b"safecb.schema_version"] == b"2"
 
 
 def test_generation_field_types():

@@ -1,0 +1,116 @@
+"""What the codebook update learns from: the statistics must not be biased by earlier edits,
+double-counted safe images, or pairs whose safe side is an unrelated picture (issue 12)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+from safecb.config import ModelConfig, parse_config
+from safecb.models.registry import load_model
+from safecb.prompts import load_prompts
+from safecb.schemas import GENERATION_SCHEMA, PAIR_SCHEMA, table_from_rows
+from safecb.stages import UpdateStatistics, collect_shard
+from safecb.world import world_lexicon
+
+NUM_TOKENS, NUM_CODES, DIM = 4, 6, 3
+
+
+def _config(**finetune):
+    return parse_config({"categories": ["blood"], "finetune": {"sample_size": 64, **finetune}})
+
+
+def _generation(prompt_id: str, tokens: list[int], unsafe: bool, role: str = "collect", unsafe_v0=None) -> dict:
+    return {"run_id": "r", "iteration": 2, "codebook_version": 1, "prompt_id": prompt_id, "prompt": "p",
+            "sample_index": 0, "seed": 1, "tokens": tokens, "unsafe_probs": [0.9 if unsafe else 0.1],
+            "max_unsafe_prob": 0.9 if unsafe else 0.1, "unsafe": unsafe, "role": role, "unsafe_v0": unsafe_v0}
+
+
+def _pair(prompt_id: str, harmful: list[int], safe: list[int], counterpart: str) -> dict:
+    return {"run_id": "r", "iteration": 2, "codebook_version": 1, "prompt_id": prompt_id, "sample_index": 0, "seed": 1,
+            "harmful_prompt": "h", "safe_prompt": "s", "harmful_tokens": harmful, "safe_tokens": safe,
+            "harmful_prob": 0.9, "safe_prob": 0.1, "counterpart": counterpart}
+
+
+def _stats() -> UpdateStatistics:
+    return UpdateStatistics(torch.randn(NUM_CODES, DIM, generator=torch.Generator().manual_seed(0)), NUM_TOKENS, _config())
+
+
+def test_images_unsafe_under_v0_are_not_quality_targets():
+    stats = _stats()
+    stats.add_generations(table_from_rows(GENERATION_SCHEMA, [
+        _generation("a", [0, 0, 1, 1], unsafe=False, unsafe_v0=False),  # safe then and now: a target
+        _generation("b", [5, 5, 5, 5], unsafe=False, unsafe_v0=True),  # safe only after the edits: not one
+        _generation("c", [2, 2, 2, 2], unsafe=True),
+    ]))
+    (keep,) = stats.keep.tensors(torch.zeros(0, NUM_TOKENS, dtype=torch.long))
+    assert keep.tolist() == [[0, 0, 1, 1]]
+    assert stats.kept_out_v0 == 1
+    # it is still a safe image for the harm scores: the judge sees it safe now
+    assert stats.hard_safe[5] == 4
+
+
+def test_safe_images_count_once_in_the_harm_evidence():
+    """A counterpart is a generations row and a pair's safe side: its codes count once."""
+    stats = _stats()
+    stats.add_generations(table_from_rows(GENERATION_SCHEMA, [
+        _generation("a", [1, 1, 1, 1], unsafe=True),
+        _generation("a", [2, 2, 3, 3], unsafe=False, role="counterpart"),
+    ]))
+    stats.add_pairs(table_from_rows(PAIR_SCHEMA, [_pair("a", [1, 1, 1, 1], [2, 2, 3, 3], "rewrite")]))
+    assert stats.hard_safe[2] == 2 and stats.hard_safe[3] == 2
+    assert stats.hard_harm[1] == 4
+
+
+def test_only_same_seed_rewrites_become_harm_targets():
+    stats = _stats()
+    stats.add_pairs(table_from_rows(PAIR_SCHEMA, [
+        _pair("a", [1, 1, 1, 1], [2, 2, 2, 2], "rewrite"),
+        _pair("b", [4, 4, 4, 4], [0, 0, 0, 0], "safe_sample"),  # another seed: an unrelated picture
+    ]))
+    empty = torch.zeros(0, NUM_TOKENS, dtype=torch.long)
+    harm, safe = stats.harm.tensors(empty, empty)
+    assert harm.tolist() == [[1, 1, 1, 1]] and safe.tolist() == [[2, 2, 2, 2]]
+    # the unaligned pair still counts as harm evidence for the code scores
+    assert stats.hard_harm[4] == 4 and stats.pairs == 2 and stats.aligned_pairs == 1
+
+
+def test_collection_marks_images_that_were_unsafe_under_v0():
+    """With an edited codebook that draws every grid harmless (each code the codebook's mean), the
+    world's harmful train prompts look safe now; decoded with v0 the self-judge sees the harm again."""
+    config = parse_config({"run_id": "t", "categories": ["blood", "fire", "weapon", "drugs"],
+                           "generation": {"samples_per_prompt": 1}, "pairing": {"builtin_lexicon": "world"},
+                           "resources": {"threads": 1}})
+    model = load_model(ModelConfig(backend="world"), config.categories, 0)
+    v0 = model.get_codebook().clone()
+    model.set_codebook(v0.mean(dim=0, keepdim=True).expand_as(v0).clone(), 1)
+    prompts = load_prompts(config.prompts.train, "prompts.train")
+    harmful = [p for p in prompts if p.category][:12]
+    benign = [p for p in prompts if not p.category][:12]
+    result = collect_shard(model, harmful + benign, config, iteration=2, lexicon=world_lexicon(), codebook_v0=v0)
+    rows = [r for r in result.generations if r["role"] == "collect"]
+    safe = [r for r in rows if not r["unsafe"]]
+    assert len(safe) >= 20, "a codebook of one colour should look safe"
+    assert all(r["unsafe_v0"] is not None for r in safe)
+    was_unsafe = {r["prompt_id"] for r in safe if r["unsafe_v0"]}
+    assert len(was_unsafe & {p.prompt_id for p in harmful}) >= 8
+    assert len(was_unsafe & {p.prompt_id for p in benign}) <= 2
+    # without an edited codebook nothing is checked (v0 is its own reference)
+    model.set_codebook(v0, 0)
+    plain = collect_shard(model, benign[:4], config, iteration=1, lexicon=world_lexicon())
+    assert all(r.get("unsafe_v0") is None for r in plain.generations)
+
+
+@pytest.mark.parametrize("column_missing", [True, False])
+def test_tables_without_the_v0_column_keep_every_safe_image(column_missing):
+    """Shards of iteration 1 (drawn with v0) have nulls there: every safe image is a target."""
+    rows = [_generation("a", [0, 1, 2, 3], unsafe=False), _generation("b", [3, 2, 1, 0], unsafe=False)]
+    table = table_from_rows(GENERATION_SCHEMA, rows)
+    if column_missing:
+        table = table.drop(["unsafe_v0"])
+    stats = _stats()
+    stats.add_generations(table)
+    (keep,) = stats.keep.tensors(torch.zeros(0, NUM_TOKENS, dtype=torch.long))
+    assert keep.shape[0] == 2 and stats.kept_out_v0 == 0
+    assert isinstance(table, pa.Table)
