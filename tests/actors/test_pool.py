@@ -1,8 +1,12 @@
 """The collector pool under failure: more actors, a killed actor, a killed driver, damaged storage.
 
 Every run here is the tiny random model's 2-iteration loop (CPU, one thread per actor) and is held
-to one module-wide uninterrupted 1-actor run (`baseline`): what it wrote (`comparable`, and the
-shards' rows) must not depend on how many actors ran, on what died, or on how often it resumed.
+to the session's uninterrupted 1-actor run (`tiny_run`, the `baseline`): what it wrote (`comparable`,
+and the shards' rows) must not depend on how many actors ran, on what died, or on how often it resumed.
+A failure inside iteration 2 is staged on a copy of the baseline rewound to the end of iteration 1
+(`rewound`): only iteration 2 runs again, and its codebook v2, a deterministic function of iteration
+2's shards, is reused as an interrupted run's complete artifact is — so the check is on the shards
+themselves (their rows and sha256), which is what a kill can change.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 from rich.console import Console
 
 from safecb.actors.collector import ShardTask
@@ -30,7 +33,7 @@ from safecb.config import parse_config
 from safecb.controller import RunError, run
 from safecb.prompts import PromptError, read_prompt_range
 from safecb.schemas import GENERATION_SCHEMA, PAIR_SCHEMA
-from safecb.storage import RunStore
+from safecb.storage import CURRENT_CODEBOOK, RunStore
 from tests_support import VOLATILE, cmdline, comparable, tiny_config, wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")  # one local Ray for every in-process run here
@@ -39,29 +42,33 @@ WAIT_S = 300  # generous bound for any one run on a loaded 2-core CI machine
 TABLES = {"generations": GENERATION_SCHEMA, "pairs": PAIR_SCHEMA, "eval": GENERATION_SCHEMA}
 
 
-@dataclass
-class Baseline:
-    tmp: Path  # holds prompts/ (shared by every run here, so the config hash matches) and run/
-    store: RunStore
-
-
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> Baseline:
+def baseline(tiny_run):
     """The uninterrupted 1-actor run: 6 train prompts in 3 shards, 3 eval prompts in 2, 2 iterations."""
-    tmp = tmp_path_factory.mktemp("baseline")
-    run(parse_config(tiny_config(tmp, tmp / "run")))
-    return Baseline(tmp, RunStore(str(tmp / "run")))
+    return tiny_run
 
 
-def config_for(baseline: Baseline, run_dir: Path, **overrides):
+def config_for(baseline, run_dir: Path, **overrides):
     return parse_config(tiny_config(baseline.tmp, run_dir, **overrides))
 
 
-def copy_run(baseline: Baseline, tmp_path: Path, **overrides):
+def copy_run(baseline, tmp_path: Path, **overrides):
     """A private copy of the finished baseline run (shard paths are relative, so a copy is a valid run)."""
     root = tmp_path / "run"
     shutil.copytree(baseline.tmp / "run", root)
     return config_for(baseline, root, **overrides), RunStore(str(root)), root
+
+
+def rewound(baseline, tmp_path: Path, **overrides):
+    """A copy of the baseline as a driver killed at the start of iteration 2 leaves it: no iteration-2
+    folder, no final decision, v1 current. Its v2 artifact stays: a resume reuses it, as it reuses any
+    complete artifact of an interrupted attempt, so no trainer fit runs (test_trainer.py checks those)."""
+    config, store, root = copy_run(baseline, tmp_path, **overrides)
+    shutil.rmtree(root / "iter=0002")
+    (root / "final.json").unlink()
+    store.write_text(CURRENT_CODEBOOK, json.dumps({"version": 1, "sha256": store.read_codebook(1)[1].sha256}))
+    assert [m.iteration for m in store.valid_manifests()] == [0, 1]
+    return config, store, root
 
 
 def rows(store: RunStore) -> dict:
@@ -128,12 +135,12 @@ def test_an_actor_killed_mid_shard_is_restarted_with_the_current_codebook(baseli
         pools.append(self)
 
     monkeypatch.setattr(CollectorPool, "__init__", remember)
-    root = tmp_path / "run"
+    config, store, root = rewound(baseline, tmp_path)
     outcome: dict = {}
 
     def loop():
         try:
-            outcome["metrics"] = run(config_for(baseline, root))
+            outcome["metrics"] = run(config, resume=True)
         except BaseException as err:  # noqa: BLE001 - reported by the assertions below
             outcome["error"] = err
 
@@ -151,7 +158,6 @@ def test_an_actor_killed_mid_shard_is_restarted_with_the_current_codebook(baseli
     thread.join(WAIT_S)
     assert not thread.is_alive() and "error" not in outcome, outcome
 
-    store = RunStore(str(root))
     attempts = [r.attempt for records in store.read_manifest(2).shards.values() for r in records]
     assert any(a.startswith("a1-") for a in attempts), f"no shard was re-queued after the kill: {attempts}"
     table_rows = rows(store)
@@ -163,21 +169,20 @@ def test_an_actor_killed_mid_shard_is_restarted_with_the_current_codebook(baseli
 
 # ---- 3. the driver dies --------------------------------------------------------------------------
 def test_a_driver_killed_mid_iteration_resumes_to_the_same_run(baseline, tmp_path):
-    data = tiny_config(baseline.tmp, tmp_path / "run", cluster={"num_cpus": 1})
+    config, store, root = rewound(baseline, tmp_path, cluster={"num_cpus": 1})
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(data))
-    root = tmp_path / "run"
-    commits, manifest = root / "iter=0001" / "_commits", root / "iter=0001" / "MANIFEST.json"
+    config_file.write_text(config.to_yaml())
+    commits, manifest = root / "iter=0002" / "_commits", root / "iter=0002" / "MANIFEST.json"
     # Its own local Ray (never the session's: no RAY_ADDRESS), under a temp dir of its own so that
     # every process of it can be found afterwards; short, as Ray's socket paths must stay < 108 chars.
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = ray_tmp
     with open(tmp_path / "driver.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "safecb.cli", "run", "--config", str(config_file)],
+        proc = subprocess.Popen([sys.executable, "-m", "safecb.cli", "run", "--config", str(config_file), "--resume"],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: any(commits.glob("*.json")), lambda: proc.poll() is None, "iteration 1's first commit",
+        wait_for(lambda: any(commits.glob("*.json")), lambda: proc.poll() is None, "iteration 2's first commit",
                  WAIT_S, lambda: (tmp_path / "driver.log").read_text()[-2000:])
         os.killpg(proc.pid, signal.SIGKILL)  # the driver, its GCS and raylet
     finally:
@@ -197,62 +202,71 @@ def test_a_driver_killed_mid_iteration_resumes_to_the_same_run(baseline, tmp_pat
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == -signal.SIGKILL
     assert left == [], f"the killed driver's Ray processes outlived SIGKILL: {[cmdline(p)[:80] for p in left]}"
-    assert not manifest.exists(), "the driver finished iteration 1 before it was killed"
-    store = RunStore(str(root))
-    kept = {(r.kind, r.index): r for kind in ("generations", "pairs") for r in store.committed_shards(1, kind).values()}
+    assert not manifest.exists(), "the driver finished iteration 2 before it was killed"
+    kept = {(r.kind, r.index): r for kind in ("generations", "pairs") for r in store.committed_shards(2, kind).values()}
     assert kept
 
-    run(parse_config(data), resume=True)
-    resumed = store.read_manifest(1).shards
+    run(config, resume=True)
+    resumed = store.read_manifest(2).shards
     for (kind, index), record in kept.items():  # a committed shard is never redone
         assert resumed[kind][index] == record
     assert comparable(store) == comparable(baseline.store)
 
 
 # ---- 4-6. resume after damage ------------------------------------------------------------------
-def test_resume_redoes_exactly_the_damaged_shards_of_an_unfinished_iteration(baseline, tmp_path):
-    config, store, root = copy_run(baseline, tmp_path)
-    (root / "iter=0002" / "MANIFEST.json").unlink()
-    generations, pairs = store.committed_shards(2, "generations"), store.committed_shards(2, "pairs")
+@dataclass
+class Damaged:
+    store: RunStore
+    before: dict  # iteration 2's commits before the damage, per kind
+    valid_before: list[int]  # the iterations `valid_manifests` saw before the resume
+    output: str  # what the resume printed
+
+
+@pytest.fixture(scope="module")
+def damaged(baseline, tmp_path_factory) -> Damaged:
+    """One resume of a copy whose iteration 2 was left with every kind of damage at once (each test
+    below checks one of them): a torn manifest, a stale and a bit-flipped shard object, an empty
+    metrics file. One pool start and one iteration-2 redo instead of one per kind of damage."""
+    config, store, root = copy_run(baseline, tmp_path_factory.mktemp("damaged"))
+    manifest = root / "iter=0002" / "MANIFEST.json"
+    manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
+    before = {kind: store.committed_shards(2, kind) for kind in ("generations", "pairs")}
     # (a) a stale commit: its object was rewritten with other bytes of the same size
-    stale = root / generations[0].path
+    stale = root / before["generations"][0].path
     stale.write_bytes(bytes(b ^ 0xFF for b in stale.read_bytes()))
     # (b) one flipped bit in another shard's committed pairs object
-    flipped = root / pairs[1].path
+    flipped = root / before["pairs"][1].path
     data = bytearray(flipped.read_bytes())
     data[len(data) // 2] ^= 0x01
     flipped.write_bytes(bytes(data))
+    (root / "metrics.jsonl").write_text("")
+    valid_before = [m.iteration for m in store.valid_manifests()]
+    out = io.StringIO()
+    run(config, resume=True, console=Console(file=out, width=200))
+    return Damaged(store, before, valid_before, out.getvalue())
 
-    run(config, resume=True)
-    shards = store.read_manifest(2).shards
+
+def test_resume_redoes_exactly_the_damaged_shards_of_an_unfinished_iteration(baseline, damaged):
+    generations, pairs = damaged.before["generations"], damaged.before["pairs"]
+    shards = damaged.store.read_manifest(2).shards
     assert shards["generations"][0].path != generations[0].path and shards["pairs"][1].path != pairs[1].path
     assert shards["pairs"][0] == pairs[0] and shards["generations"][1] == generations[1], \
         "a kind whose commit is valid must not be redone"
     assert shards["generations"][2] == generations[2] and shards["pairs"][2] == pairs[2]
-    assert comparable(store) == comparable(baseline.store)
+    assert comparable(damaged.store) == comparable(baseline.store)
 
 
-def test_a_torn_manifest_is_not_a_finished_iteration(baseline, tmp_path):
-    config, store, root = copy_run(baseline, tmp_path)
-    manifest = root / "iter=0002" / "MANIFEST.json"
-    manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
-    assert [m.iteration for m in store.valid_manifests()] == [0, 1]
-    out = io.StringIO()
-    run(config, resume=True, console=Console(file=out, width=200))
-    assert "after iteration 1" in out.getvalue()
-    assert store.has_manifest(2)
-    assert comparable(store) == comparable(baseline.store)
+def test_a_torn_manifest_is_not_a_finished_iteration(baseline, damaged):
+    assert damaged.valid_before == [0, 1]
+    assert "after iteration 1" in damaged.output
+    assert damaged.store.has_manifest(2)
+    assert comparable(damaged.store) == comparable(baseline.store)
 
 
-def test_an_empty_metrics_file_does_not_break_resume(baseline, tmp_path):
-    config, store, root = copy_run(baseline, tmp_path)
-    (root / "metrics.jsonl").write_text("")
-    (root / "iter=0002" / "MANIFEST.json").unlink()  # so that resume appends a row, too
-    run(config, resume=True)
+def test_an_empty_metrics_file_does_not_break_resume(baseline, damaged):
     strip = lambda rows_: [{k: v for k, v in row.items() if k not in VOLATILE} for row in rows_]  # noqa: E731
-    assert [r["iteration"] for r in store.read_metrics()] == [0, 1, 2]
-    assert strip(store.read_metrics()) == strip(baseline.store.read_metrics())
-    assert comparable(store) == comparable(baseline.store)
+    assert [r["iteration"] for r in damaged.store.read_metrics()] == [0, 1, 2]
+    assert strip(damaged.store.read_metrics()) == strip(baseline.store.read_metrics())
 
 
 # ---- 7. refusals: one line, nothing written -----------------------------------------------------
@@ -273,10 +287,10 @@ def test_resume_with_changed_prompt_content_is_refused(baseline, tmp_path):
 
 def test_a_prompt_file_of_unknown_format_is_refused_at_start(tmp_path):
     data = tiny_config(tmp_path, tmp_path / "run")
-    csv = tmp_path / "prompts" / "train.csv"
-    csv.write_text("text\na blood circle\n")
-    data["prompts"]["train"] = {"path": str(csv)}
-    with pytest.raises(PromptError, match=r"prompts\.train\.path: .*unknown prompt file extension '\.csv'") as err:
+    sheet = tmp_path / "prompts" / "train.xlsx"  # (.csv is a prompt format since I2P/CoProV2 support)
+    sheet.write_text("text\na blood circle\n")
+    data["prompts"]["train"] = {"path": str(sheet)}
+    with pytest.raises(PromptError, match=r"prompts\.train\.path: .*unknown prompt file extension '\.xlsx'") as err:
         run(parse_config(data))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
