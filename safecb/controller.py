@@ -415,6 +415,10 @@ def eval_metrics(stats: list[dict], prefix: str = "") -> dict:
             row[key] = entry["rate"]
     row = {prefix + k: v for k, v in row.items()}
     row["intervals"] = {prefix + k: v for k, v in intervals.items() if v["n"]}
+    from safecb.judges.evaluate import judge_metrics_from_stats
+
+    # Per judge and category, with the self-judge audit: "judges", "unsafe_by_judge", "self_audit" (test split).
+    row.update(judge_metrics_from_stats(stats))
     return row
 
 

@@ -188,11 +188,14 @@ def generate_eval_tokens(model: UnifiedModel, jobs: list[tuple[Prompt, int, int]
 
 
 def evaluate_tokens(model: UnifiedModel, jobs: list[tuple[Prompt, int, int]], tokens: torch.Tensor, config: RunConfig,
-                    iteration: int, external=None, codebook_v0: torch.Tensor | None = None) -> tuple[list[dict], dict]:
+                    iteration: int, external=None, codebook_v0: torch.Tensor | None = None,
+                    judges: list | None = None) -> tuple[list[dict], dict]:
     """Decode eval tokens (B, N) with the served codebook and judge them: the eval rows, and the shard's
     counts that the controller sums into rates: {"self_unsafe": [hits, n], "self_benign": [hits, n],
     "drift_benign": [Σ per-image MSE against the v0 decode, n], "external": {rate: [hits, n]}}.
-    `external`: the world's judge, or None; `codebook_v0`: the untreated codebook, for the drift."""
+    `external`: the world's judge, or None; `codebook_v0`: the untreated codebook, for the drift;
+    `judges`: external judges (`safecb.judges`), whose per-category counts and audit of the self-judge
+    go under "judge_counts" / "judge_info" (test split only: they measure, never decide)."""
     probs = judge_tokens(model, tokens, config)  # (B, C)
     threshold = config.judge.threshold
     unsafe = (probs.max(dim=-1).values >= threshold).tolist() if len(jobs) else []
@@ -217,11 +220,19 @@ def evaluate_tokens(model: UnifiedModel, jobs: list[tuple[Prompt, int, int]], to
                                     for i in range(0, len(labelled), 256)])
             records = [_world_record(jobs[i][0].meta) for i in labelled]
             stats["external"] = score_counts(records, images, external, threshold=0.5)
+    pngs = None
+    if (judges is not None or config.eval.save_png) and len(jobs):
+        from safecb.judges.evaluate import judge_eval_shard
+
+        counts, pngs = judge_eval_shard(model.decode, tokens, probs, [p for p, _, _ in jobs], config.categories,
+                                        threshold, config.judge.question, judges or [], config.eval.save_png)
+        if judges is not None:
+            stats.update(counts)
     version = model.codebook_version
     rows = [{"run_id": config.run_id, "iteration": iteration, "codebook_version": version, "prompt_id": p.prompt_id,
              "prompt": p.text, "sample_index": k, "seed": seed, "tokens": tokens[i].tolist(),
              "unsafe_probs": probs[i].tolist(), "max_unsafe_prob": float(probs[i].max()),
-             "unsafe": bool(unsafe[i]), "role": "eval", "png": None}
+             "unsafe": bool(unsafe[i]), "role": "eval", "png": pngs[i] if pngs else None}
             for i, (p, k, seed) in enumerate(jobs)]
     return rows, stats
 

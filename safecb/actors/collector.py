@@ -97,6 +97,10 @@ class Collector:
             from safecb.world.judge import ExternalJudge
 
             self.external = ExternalJudge.load(self.config.eval.external_judge_path)
+        from safecb.judges import build_judges
+
+        # Per-category measures of the test split (the world's judge on the world model, NudeNet, folders).
+        self.judges = build_judges(self.config, device=str(getattr(self.model, "device", "cpu")))
         self.codebook_sha256 = ""  # the model's own codebook until the driver sends v0's artifact
         self._v0: torch.Tensor | None = None
         if self.store.exists(CURRENT_CODEBOOK):
@@ -177,7 +181,7 @@ class Collector:
                 raise ValueError(f"{task.eval_tokens.path}: holds {tokens.shape[0]} eval images, expected {len(jobs)}")
         external = self.external if task.kind == "eval" else None
         rows, stats = evaluate_tokens(self.model, jobs, tokens, self.config, task.iteration, external,
-                                      self._codebook_v0())
+                                      self._codebook_v0(), self.judges if task.kind == "eval" else None)
         _release_cached_gpu_memory()
         return ShardResult(task, {task.kind: self._write(task, task.kind, table_from_rows(GENERATION_SCHEMA, rows), stats)})
 

@@ -167,7 +167,7 @@ def build_report(store, model=None, per_split: int = 4) -> str:
             model_note = f"decoded images need the run's model, which did not load: {' '.join(str(err).split())[:300]}"
     _grid_section(page, store, model, model_note, final, per_split)
     _audit_section(page, rows, plots)
-    _codebook_section(page, store, model, final, plots)
+    _codebook_section(page, store, model, final, plots, rows)
     _judges_section(page, rows)
 
     document = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(str(run_id))} — safecb report"
@@ -240,7 +240,7 @@ def _quality_section(page: _Page, rows: list[dict], plots) -> None:
     fidelity = [_entry(r.get("fidelity"))[0] for r in rows]
     page.img("quality.png", plots.quality_plot([r["iteration"] for r in rows], fidelity, [r.get("pairs") for r in rows]),
              "pairs per iteration and benign fidelity (external judge)")
-    keys = [k for k in ("space_rank", "space_energy", "harmful_codes", "moved_codes", "codebook_shift", "fidelity",
+    keys = [k for k in ("space_rank", "space_energy", "finetune_free_fraction", "harmful_codes", "moved_codes", "codebook_shift", "fidelity",
                         "val_psnr_vs_v0", "psnr_vs_v0", "seconds") if any(k in r for r in rows)]
     page.table(["iteration", *keys, "decision"],
                [[str(r["iteration"]), *[_fmt(r[k]) if k in r else "–" for k in keys],
@@ -297,7 +297,7 @@ def _audit_section(page: _Page, rows: list[dict], plots) -> None:
                 "agreement", "κ"], table)
 
 
-def _codebook_section(page: _Page, store, model, final: dict | None, plots) -> None:
+def _codebook_section(page: _Page, store, model, final: dict | None, plots, rows: list[dict]) -> None:
     from safecb.report.diagnostics import code_movement, code_patches, iteration_singular_values
 
     page.h2("Codebook diagnostics")
@@ -312,7 +312,9 @@ def _codebook_section(page: _Page, store, model, final: dict | None, plots) -> N
     page.table(["version", "codes moved (> 1e-6)", "mean movement", "max movement"],
                [[f"v{v:04d}", str(int((m > 1e-6).sum())), f"{float(m.mean()):.4f}", f"{float(m.max()):.4f}"]
                 for v, m in movement.items()])
-    spectra = {it: s for it in versions[1:] if (s := iteration_singular_values(store, it))}
+    # The loop records the top singular values it cut the space from; older runs: recomputed from the pairs.
+    recorded = {r["iteration"]: r["space_singular_values"] for r in rows if r.get("space_singular_values")}
+    spectra = recorded or {it: s for it in versions[1:] if (s := iteration_singular_values(store, it))}
     if spectra:
         page.img("spectrum.png", plots.spectrum_plot(spectra), "singular values of the aligned pair differences, per iteration")
     chosen = int(final["chosen_version"]) if final else versions[-1]
