@@ -256,6 +256,15 @@ class StorageConfig(Section):
     # fsspec options (endpoint_url, region...). Credentials come from the environment, never here.
     options: dict[str, Any] = {}
 
+    @field_validator("run_dir")
+    @classmethod
+    def _absolute_folder(cls, value: str) -> str:
+        # Ray workers do not share the driver's working directory (Ray Train moves its workers into a
+        # session folder), so a relative folder would name a different place in each process.
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+            return value
+        return str(Path(value).expanduser().absolute())
+
     @field_validator("options")
     @classmethod
     def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
