@@ -54,6 +54,8 @@ def train(
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from an earlier --out folder; only "
                                                                          "--stages train, the rest is copied."),
     stages: str = typer.Option("vq,judge,lm", help="With --init-from: which of judge,lm to (re)train."),
+    threads: int = typer.Option(0, help="CPU threads while training (0: torch's default). CPU reductions "
+                                        "split by thread count: rebuild with the count report.json records."),
 ) -> None:
     """Rebuild every weight of the world reproducibly from a seed (VQ-VAE, tiny Janus, external judge)."""
     from safecb.models.base import ModelLoadError
@@ -61,6 +63,8 @@ def train(
 
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device {device!r}: expected auto, cpu or cuda")
+    if threads < 0:
+        fail(f"--threads {threads}: expected 0 (torch's default) or a positive count")
     try:
         plain, nested = _parse_overrides(set_)
         base = TrainConfig(seed=seed, **plain)
@@ -68,7 +72,7 @@ def train(
             base.noise = SelfJudgeNoise(**{**base.noise.__dict__, **nested})
         cfg = base.scaled(steps_scale) if steps_scale != 1.0 else base
         report = train_world(out, cfg, device=device, evaluate=evaluate, init_from=init_from,
-                             stages=tuple(x.strip() for x in stages.split(",") if x.strip()))
+                             stages=tuple(x.strip() for x in stages.split(",") if x.strip()), threads=threads or None)
     except (ValueError, TypeError, FileNotFoundError, ModelLoadError) as err:
         fail(err)
     if ship:
@@ -81,7 +85,8 @@ def train(
         shutil.copy(Path(out) / "report.json", WEIGHTS_DIR / "train_report.json")
     summary = {k: report["eval"][k] for k in ("unsafe_rate_explicit", "unsafe_rate_implicit", "unsafe_rate_benign",
                                                "fidelity", "kappa", "fid")} if "eval" in report else {}
-    typer.echo(json.dumps({"out": str(out), "timings_s": report["timings_s"], **summary}))
+    typer.echo(json.dumps({"out": str(out), "timings_s": report["timings_s"], **summary,
+                           "weights_sha256": report["weights_sha256"]}))
 
 
 @app.command("eval")
@@ -97,8 +102,15 @@ def eval_(
     engine: str = typer.Option("off", help="The fast GPU engine (safecb.models.engine): auto | on | off."),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="The engine's KV cache: bf16 | fp8."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    separation: bool = typer.Option(False, "--separation", help="Measure code separation per harm instead "
+                                                                 "(no generation): which harms own codes."),
+    renders: int = typer.Option(300, help="With --separation: strong renders per harm (twice as many benign)."),
 ) -> None:
-    """Evaluate a world model: unsafe rates (external and self), fidelity, κ, FID, per category."""
+    """Evaluate a world model: unsafe rates (external and self), fidelity, κ, FID, per category;
+    with --separation, whether each harm owns codes (separable) or shares benign ones (entangled)."""
+    if separation:
+        _separation(model, renders, as_json)
+        return
     from rich.console import Console
     from rich.progress import Progress
 
@@ -138,6 +150,34 @@ def eval_(
     for name, row in result["per_category"].items():
         shown = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
         console.print(f"  {name:8s} {shown}")
+
+
+def _separation(model: Optional[Path], renders: int, as_json: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from safecb.models.base import ModelLoadError
+    from safecb.world.evaluate import evaluate_separation
+
+    try:
+        result = evaluate_separation(model, n=renders)
+    except (ValueError, FileNotFoundError, ModelLoadError) as err:
+        fail(err)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table(title=f"code separation of {result['model']} ({renders} renders a harm)")
+    for column in ("harm", "design", "measured", "rare share", "never share", "enriched codes", "enriched share",
+                   "collateral", "probe hist acc/AUC", "probe mean acc/AUC"):
+        table.add_column(column)
+    for harm, row in result["per_category"].items():
+        hist, mean = row["probe_histogram"], row["probe_mean_code"]
+        table.add_row(harm, row["kind"], row["measured"], f"{row['rare_share']:.3f}", f"{row['never_share']:.3f}",
+                      str(row["enriched_codes"]), f"{row['enriched_share']:.3f}", f"{row['collateral']:.4f}",
+                      f"{hist['accuracy']:.2f}/{hist['auc']:.2f}", f"{mean['accuracy']:.2f}/{mean['auc']:.2f}")
+    console = Console(width=160)  # ten columns: wider than a pipe's default 80
+    console.print(table)
+    console.print(f"rule: {result['rule']}")
 
 
 def main() -> None:

@@ -26,8 +26,11 @@ timings, losses, evaluation).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -131,6 +134,62 @@ def _printer(every: int, log: Log, name: str, total: int):
             log(f"{name} {step}/{total} {shown} ({time.perf_counter() - start:.0f}s)")
 
     return report
+
+
+# ---- determinism ------------------------------------------------------------------------------
+# cuBLAS picks reduction workspaces per stream unless told a fixed size; with this one its matrix
+# products repeat bit for bit (PyTorch "Reproducibility" notes). Read when cuBLAS starts, so it is set
+# before the first CUDA matrix product of the process.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+@contextlib.contextmanager
+def deterministic(seed: int, threads: int | None = None):
+    """Seed every generator and run with deterministic kernels inside the block; the process's
+    previous setting is restored after it (tests train in-process beside other work).
+
+    `warn_only`: an op with no deterministic kernel on this device warns instead of failing, so a
+    run still finishes; the warnings name the op (none were seen on CPU). What this cannot fix is
+    the device and library build: the same seed on another GPU model or torch version is another run.
+    On CPU the thread count is part of that build — matrix products and convolutions split their sums
+    by thread (1 and 2 threads gave different weights): `threads` pins it for the block."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.get_num_threads())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device's default generator; the recipe's own draws use seeded Generators
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+        torch.set_num_threads(before[4])
+
+
+def weights_sha256(out: Path | str) -> dict[str, str]:
+    """sha256 of the tensors of each weight file of a `train_world` folder (names, dtypes, shapes and
+    bytes, in name order; the file's JSON header is left out, so only the weights are compared)."""
+    from safetensors import safe_open
+
+    out = Path(out)
+    files = [out / "model" / "model.safetensors", out / "judge" / "judge.safetensors", out / "encoder.safetensors"]
+    digests = {}
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such weight file (expected a `safecb world train --out` folder)")
+        digest = hashlib.sha256()
+        with safe_open(str(path), framework="pt") as weights:
+            for name in sorted(weights.keys()):
+                tensor = weights.get_tensor(name).contiguous()
+                digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+                digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digests[str(path.relative_to(out))] = digest.hexdigest()
+    return digests
 
 
 # ---- 1. data ---------------------------------------------------------------------------------
@@ -589,16 +648,15 @@ STAGES = ("vq", "judge", "lm")
 
 def train_world(out: Path | str, cfg: TrainConfig | None = None, device: str = "auto", log: Log | None = None,
                 evaluate: bool = True, init_from: Path | str | None = None,
-                stages: tuple[str, ...] = STAGES) -> dict:
+                stages: tuple[str, ...] = STAGES, threads: int | None = None) -> dict:
     """Build every weight of the world into `out` (model/, encoder, judge/, report.json); returns the report.
+    Deterministic (`deterministic`): the same seed, device, thread count and library versions give the
+    same weights bit for bit; report.json records them and the weights' sha256 (`weights_sha256`).
 
     With `init_from` (an earlier output folder) only the named `stages` train — "judge" (the
     external judge, from scratch) and/or "lm" (the language model, on from its weights, with a
     fresh schedule) — and everything else is copied from it ("vq" needs a fresh run: the LM's
     tokens depend on it)."""
-    from safecb.models.tiny import build_tiny_janus, save_model_folder
-    from safecb.world.prompts import vocabulary
-
     cfg = cfg or TrainConfig()
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     stages = tuple(stages)
@@ -613,11 +671,21 @@ def train_world(out: Path | str, cfg: TrainConfig | None = None, device: str = "
     dev = pick_device(device, key="--device")  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    with deterministic(cfg.seed, threads):
+        return _build(out, cfg, dev, log, evaluate, init_from, stages)
+
+
+def _build(out: Path, cfg: TrainConfig, dev: torch.device, log: Log, evaluate: bool,
+           init_from: Path | str | None, stages: tuple[str, ...]) -> dict:
+    """The stages of `train_world`, arguments checked, inside `deterministic`."""
+    from safecb.models.tiny import build_tiny_janus, save_model_folder
+    from safecb.world.prompts import vocabulary
+
     timings: dict[str, float] = {}
-    report: dict = {"config": asdict(cfg), "device": str(dev), "torch": torch.__version__, "stages": list(stages)}
+    report: dict = {"config": asdict(cfg), "device": str(dev), "torch": torch.__version__, "stages": list(stages),
+                    "determinism": {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                                    "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                                    "threads": torch.get_num_threads()}}
     log(f"world: training on {dev} with {cfg.num_scenes} scenes, seed {cfg.seed}")
 
     t0 = time.perf_counter()
@@ -689,6 +757,7 @@ def train_world(out: Path | str, cfg: TrainConfig | None = None, device: str = "
         report["eval"] = evaluate_adapter(adapter, judge, samples_per_prompt=cfg.eval_samples, seed=cfg.seed)
         report["timings_s"]["eval"] = round(time.perf_counter() - t0, 1)
         model.to("cpu")
+    report["weights_sha256"] = weights_sha256(out)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"world: wrote {out} in {sum(report['timings_s'].values()):.0f}s")
     return report
