@@ -38,10 +38,12 @@ def _label(ax, title: str, xlabel: str, ylabel: str, grid: bool = True) -> None:
         ax.legend(fontsize=8)
 
 
-def _integer_ticks(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+def _iteration_axis(ax, iterations) -> None:
+    """One tick per iteration present, half a step of margin (a single iteration is not a fraction axis)."""
+    its = sorted(set(iterations))
+    if its:
+        ax.set_xticks(its)
+        ax.set_xlim(its[0] - 0.5, its[-1] + 0.5)
 
 
 def rate_series_plot(series: dict[str, list[tuple[int, float, list[float] | None]]], title: str,
@@ -50,17 +52,19 @@ def rate_series_plot(series: dict[str, list[tuple[int, float, list[float] | None
     own = ax is None
     if own:
         fig, (ax,) = _figure()
+    every_x = []
     for i, (name, points) in enumerate(sorted(series.items())):
         points = [p for p in points if p[1] is not None]
         if not points:
             continue
         xs = [p[0] for p in points]
+        every_x += xs
         ys = [p[1] for p in points]
         lo = [p[1] - p[2][0] if p[2] else 0.0 for p in points]
         hi = [p[2][1] - p[1] if p[2] else 0.0 for p in points]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name, color=COLOURS[i % len(COLOURS)])
     ax.set_ylim(-0.03, 1.03)
-    _integer_ticks(ax)
+    _iteration_axis(ax, every_x)
     _label(ax, title, "iteration (codebook version)", ylabel)
     return _png(fig) if own else None
 
@@ -79,7 +83,7 @@ def quality_plot(iterations: list[int], fidelity: list[float | None], pairs: lis
     ax.bar(iterations, [p or 0 for p in pairs], color="#c7c7c7", label="pairs")
     ax.set_xlabel("iteration")
     ax.set_ylabel("pairs")
-    _integer_ticks(ax)
+    _iteration_axis(ax, iterations)
     if any(f is not None for f in fidelity):
         twin = ax.twinx()
         points = [(i, f) for i, f in zip(iterations, fidelity) if f is not None]
@@ -100,7 +104,7 @@ def kappa_plot(series: dict[str, list[tuple[int, float | None]]]) -> bytes:
                     color=COLOURS[i % len(COLOURS)])
     ax.axhline(0, color="black", lw=0.5)
     ax.set_ylim(-1.02, 1.02)
-    _integer_ticks(ax)
+    _iteration_axis(ax, [p[0] for points in series.values() for p in points])
     _label(ax, "self-judge agreement with each external judge", "iteration", "Cohen's kappa")
     return _png(fig)
 
