@@ -4,7 +4,7 @@ The eval tokens are drawn once, in iteration 0 (the generator never reads the co
 same prompt and seed can be decoded with v0 and with any later version: the grid shows exactly what
 the codebook changed. Unsafe prompts on the left, benign ones on the right; one column per version;
 each image framed by the self-judge's verdict for that version when the run evaluated it (red:
-unsafe, green: safe, grey: not evaluated). Also `png_bytes`, for eval shards that keep PNGs.
+unsafe, green: safe, grey: not evaluated).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import textwrap
 from dataclasses import dataclass
 
 import torch
+
 
 EVAL_KIND = "eval"  # the test split's eval shards (reported, never used to decide)
 CELL_MIN = 96  # pixels: small world images are enlarged (nearest neighbour) to at least this
@@ -36,19 +37,6 @@ class EvalSamples:
     splits: list[str]  # "unsafe" | "benign"
     tokens: torch.Tensor
 
-
-def png_bytes(images: torch.Tensor) -> list[bytes]:
-    """Images (B, 3, H, W) in [0, 1] → one PNG file's bytes each."""
-    from PIL import Image
-
-    from safecb.judges.base import to_uint8_hwc
-
-    out = []
-    for array in to_uint8_hwc(images):
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG", optimize=True)
-        out.append(buffer.getvalue())
-    return out
 
 
 def default_versions(store) -> list[int]:

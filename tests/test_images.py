@@ -7,7 +7,8 @@ import io
 import torch
 from PIL import Image
 
-from safecb.images import CELL_MIN, COLOURS, FRAME, EvalSamples, _spread, grid_image, png_bytes
+from safecb.images import CELL_MIN, COLOURS, FRAME, EvalSamples, _spread, grid_image
+from safecb.judges.base import png_bytes
 
 
 def test_png_bytes_round_trip():

@@ -52,3 +52,17 @@ def file_sha256(path, prefix: int = 12) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:prefix]
+
+
+def png_bytes(images: "torch.Tensor") -> list[bytes]:
+    """Images (B, 3, H, W) in [0, 1] → one PNG file's bytes each (eval shards with `eval.save_png`)."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for array in to_uint8_hwc(images):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG", optimize=True)
+        out.append(buffer.getvalue())
+    return out

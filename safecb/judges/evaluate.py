@@ -60,7 +60,7 @@ def judge_eval_shard(decode, tokens: torch.Tensor, self_probs: torch.Tensor, pro
     self_probs (B, C); prompts: one `Prompt` per image (its category and split). Returns
     ({"judge_counts": eval_judge_counts, "judge_info": {name: info}}, PNGs or None).
     """
-    from safecb.images import png_bytes
+    from safecb.judges.base import png_bytes
 
     images = torch.cat([decode(tokens[i:i + batch]).float().cpu() for i in range(0, tokens.shape[0], batch)]) \
         if tokens.shape[0] else torch.zeros(0, 3, 1, 1)
