@@ -256,14 +256,13 @@ class StorageConfig(Section):
     # fsspec options (endpoint_url, region...). Credentials come from the environment, never here.
     options: dict[str, Any] = {}
 
-    @field_validator("run_dir")
-    @classmethod
-    def _absolute_folder(cls, value: str) -> str:
-        # Ray workers do not share the driver's working directory (Ray Train moves its workers into a
-        # session folder), so a relative folder would name a different place in each process.
-        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
-            return value
-        return str(Path(value).expanduser().absolute())
+    def absolute(self) -> "StorageConfig":
+        """This storage with a local run folder made absolute against this process's working directory.
+        The driver does it once: Ray workers do not share its working directory (Ray Train moves its
+        workers into a session folder), where a relative folder would name another place."""
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", self.run_dir):
+            return self
+        return self.model_copy(update={"run_dir": str(Path(self.run_dir).expanduser().absolute())})
 
     @field_validator("options")
     @classmethod

@@ -64,6 +64,7 @@ def _ranges(rows: int, per_shard: int) -> Iterator[tuple[int, int, int]]:
 
 class Controller:
     def __init__(self, config: RunConfig, console: Console | None = None):
+        config = config.model_copy(update={"storage": config.storage.absolute()})  # what every worker is sent
         self.config = config
         self.console = console or Console(stderr=True)
         self.store = RunStore(config.storage.run_dir, config.storage.options)

@@ -182,14 +182,15 @@ def test_config_hash_changes_with_the_run():
     assert a.config_hash() != parse_config({"finetune": {"steps": 3}, "seed": 1}).config_hash()
 
 
-def test_a_relative_run_folder_becomes_absolute(tmp_path, monkeypatch):
-    """Ray Train's workers run in their own folder: a relative run_dir must not follow them there."""
+
+def test_a_relative_run_folder_becomes_absolute_in_the_driver(tmp_path, monkeypatch):
+    """Ray Train's workers run in their own folder: the driver sends them an absolute run folder. The
+    config itself keeps what the user wrote (`safecb submit` refuses a relative one)."""
     from safecb.config import parse_config
+    from safecb.controller import Controller
 
     monkeypatch.chdir(tmp_path)
     config = parse_config({"storage": {"run_dir": "../runs/x"}})
-    assert config.storage.run_dir == str((tmp_path / "../runs/x").absolute())
-    assert parse_config({"storage": {"run_dir": "s3://bucket/runs/x"}}).storage.run_dir == "s3://bucket/runs/x"
-    # where the folder is is execution: the run's hash does not change with the working directory
-    monkeypatch.chdir(tmp_path.parent)
-    assert parse_config({"storage": {"run_dir": "../runs/x"}}).config_hash() == config.config_hash()
+    assert config.storage.run_dir == "../runs/x"
+    assert Controller(config).config.storage.run_dir == str((tmp_path / "../runs/x").absolute())
+    assert parse_config({"storage": {"run_dir": "s3://bucket/x"}}).storage.absolute().run_dir == "s3://bucket/x"

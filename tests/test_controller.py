@@ -24,11 +24,9 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")  # one local Ray for every r
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("full")
-    config = parse_config(tiny_config(tmp, tmp / "run"))
-    metrics = run(config)
-    return tmp, config, metrics, RunStore(str(tmp / "run"))
+def uninterrupted(tiny_run):
+    """The session's tiny 2-iteration loop (conftest `tiny_run`): read here, never changed."""
+    return tiny_run.tmp, tiny_run.config, tiny_run.metrics, tiny_run.store
 
 
 def test_two_iterations_leave_the_design_layout(uninterrupted):

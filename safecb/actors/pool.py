@@ -15,7 +15,6 @@ driver waits on whichever finishes first (`ray.wait`). Failures split in two:
 
 from __future__ import annotations
 
-import itertools
 import time
 import uuid
 from collections import deque
@@ -103,27 +102,35 @@ class CollectorPool:
             pass
         self.actors[index] = self._start(index)
 
-    def _recover_after(self, index: int, err: BaseException) -> None:
+    def _recover_after(self, index: int, err: BaseException, since: float) -> bool:
         """A probe of actor `index` failed: wait if Ray is restarting it, else start a fresh one.
-        (A probe sent after a death queues until the restart is done; it fails only when Ray gave up.)"""
+        (A probe sent after a death queues until the restart is done; it fails only when Ray gave up.)
+        Returns whether the actor was lost (replaced); a restart in progress is not a loss, however
+        many probes it takes on a slow machine, up to `cluster.startup_timeout_s` since `since`."""
         if isinstance(err, ActorUnavailableError):
+            if time.monotonic() - since > self.cluster.startup_timeout_s:
+                raise PoolError(f"collector-{index} was still restarting after {self.cluster.startup_timeout_s:.0f} s")
             time.sleep(0.5)
-        else:
-            self._replace(index)
+            return False
+        self._replace(index)
+        return True
 
     def broadcast(self, blob: bytes, version: int, sha256: str) -> None:
         """Put the codebook artifact in the object store once; every actor swaps it and acknowledges
         (version, sha256). Returns only when all have: nothing of the next iteration is scheduled before."""
         self.current = (ray.put(blob), version, sha256)
         for index in range(len(self.actors)):
-            for attempt in itertools.count(1):
+            since, lost = time.monotonic(), 0
+            while True:
                 try:
                     ack = ray.get(self._probe(index), timeout=self.cluster.startup_timeout_s)
                     break
                 except INFRA_ERRORS as err:
-                    if attempt >= self.cluster.max_infra_attempts:
-                        raise PoolError(f"collector-{index} died {attempt} times while taking codebook v{version:04d}") from None
-                    self._recover_after(index, err)
+                    if not isinstance(err, ActorUnavailableError):
+                        lost += 1
+                        if lost >= self.cluster.max_infra_attempts:
+                            raise PoolError(f"collector-{index} died {lost} times while taking codebook v{version:04d}") from None
+                    self._recover_after(index, err, since)
                 except RayTaskError as err:
                     raise PoolError(f"collector-{index} refused codebook v{version:04d}: {_cause(err)}") from None
             if tuple(ack) != (version, sha256):
@@ -142,6 +149,7 @@ class CollectorPool:
         load = [0] * len(self.actors)
         recovering: set[int] = set()
         replaced: dict[int, int] = {}
+        unavailable_since: dict[int, float] = {}  # actor index → when its recovery began
 
         def count_failure(key: tuple[str, int], which: int, limit: int) -> int | None:
             """Count one failure (0: application, 1: infrastructure); the count once it reaches `limit`."""
@@ -182,11 +190,13 @@ class CollectorPool:
                 try:
                     ray.get(ref)
                     recovering.discard(index)
+                    unavailable_since.pop(index, None)
                 except INFRA_ERRORS as err:
-                    replaced[index] = replaced.get(index, 0) + 1
-                    if replaced[index] > self.cluster.max_infra_attempts:
-                        raise PoolError(f"collector-{index} cannot be brought back: {type(err).__name__}") from None
-                    self._recover_after(index, err)
+                    if not isinstance(err, ActorUnavailableError):  # a restart in progress is not a loss
+                        replaced[index] = replaced.get(index, 0) + 1
+                        if replaced[index] > self.cluster.max_infra_attempts:
+                            raise PoolError(f"collector-{index} cannot be brought back: {type(err).__name__}") from None
+                    self._recover_after(index, err, unavailable_since.setdefault(index, time.monotonic()))
                     probes[self._probe(index)] = index
                 except RayTaskError as err:
                     raise PoolError(f"collector-{index} could not come back: {_cause(err)}") from None

@@ -166,6 +166,8 @@ def run_sweep(base: RunConfig, trials: list[Trial], sweep_dir: str, max_concurre
     from ray import tune
 
     console = console or Console(stderr=True)
+    # Tune runs each trial in its own working folder: a relative sweep folder would land there.
+    sweep_dir = base.storage.model_copy(update={"run_dir": sweep_dir}).absolute().run_dir
     store = RunStore(sweep_dir, base.storage.options)
     store.check_reachable()
     configs = {t.name: trial_config(base, t, sweep_dir) for t in trials}  # every override checked first

