@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import sys
 import tempfile
@@ -347,8 +346,3 @@ def write_results(store: RunStore, rows: list[dict]) -> None:
     store.write_text("results.md", results_markdown(rows))
     store.write_text("results.json", json.dumps({"variants": aggregate(rows), "trials": rows}, indent=2) + "\n")
     store.write_text("pareto.svg", pareto_svg(rows))
-
-
-def sweep_workers_hint() -> int:
-    """Trials that fit this machine at once with one core each (the default --max-concurrent)."""
-    return max(1, (os.cpu_count() or 2) // 2)
