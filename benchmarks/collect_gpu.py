@@ -21,6 +21,7 @@ channels-last layout (`gpu_judge_img_per_s_plain_channels_last`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -109,6 +110,34 @@ def write_config(work: Path, folder: Path, prompts: int, evals: int, tiny: bool 
     return path
 
 
+@contextlib.contextmanager
+def stage_timers(model, names=("_generate_on_device", "counterpart_tokens", "decode", "judge", "rewrite")):
+    """Seconds spent in each of the adapter's steps, the GPU synchronised around each call."""
+    import torch
+
+    seconds = {name: 0.0 for name in names if hasattr(model, name)}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                seconds[name] += time.perf_counter() - start
+        return call
+
+    for name in seconds:
+        setattr(model, name, timed(name, getattr(model, name)))
+    try:
+        yield seconds
+    finally:
+        for name in seconds:
+            delattr(model, name)  # back to the class's method
+
+
 def plain_loop(config_path: Path) -> dict:
     """The same work with no Ray and no storage: stage functions called in order on one adapter."""
     import torch
@@ -158,9 +187,12 @@ def plain_loop(config_path: Path) -> dict:
         return time.perf_counter() - start, unsafe / max(1, images)
 
     out["collect_s"], fraction = collect()
-    if getattr(model, "overlap_judge", False):  # A/B: the same work with the judge after each generation batch
-        model.overlap_judge = False
-        out["collect_s_sequential"], _ = collect()
+    if getattr(model, "overlap_judge", False):  # A/B: the same work with the judge after each generation batch,
+        model.overlap_judge = False           # each step timed on its own (a sync around it): where the time goes
+        with stage_timers(model) as seconds:
+            out["collect_s_sequential"], _ = collect()
+        out["collect_stage_s"] = {**{k: round(v, 2) for k, v in seconds.items()},
+                                  "other": round(out["collect_s_sequential"] - sum(seconds.values()), 2)}
         model.overlap_judge = True
     out.update(images=len(jobs), prompts=len(train), unsafe_fraction=fraction)
     return out
@@ -187,6 +219,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="toy shapes on the CPU: a smoke run of this script")
     parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16", help="the engine's KV cache")
     parser.add_argument("--pool-only", action="store_true", help="skip the plain loop (no efficiency figures)")
+    parser.add_argument("--plain-only", action="store_true",
+                        help="the plain loop alone: its figures and the collection's seconds by step, nothing saved")
     parser.add_argument("--save", default=None, help="merge the gpu_* keys into this JSON file")
     parser.add_argument("--part", choices=["plain", "pool"], help=argparse.SUPPRESS)  # one child process
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -202,7 +236,7 @@ def main(argv=None) -> int:
     print(f"built the 1B-shaped folder in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     config_path = write_config(work, work / "model", args.prompts, args.eval, args.tiny, args.kv_dtype)
     parts = {}
-    for part in ("pool",) if args.pool_only else ("plain", "pool"):  # separate processes: each has the GPU to itself
+    for part in ("pool",) if args.pool_only else ("plain",) if args.plain_only else ("plain", "pool"):  # separate processes: each has the GPU to itself
         proc = subprocess.run([sys.executable, __file__, "--part", part, "--config", str(config_path)],
                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                   filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
@@ -212,6 +246,15 @@ def main(argv=None) -> int:
             raise SystemExit(f"{part} run failed (exit {proc.returncode})")
         parts[part] = json.loads(lines[-1].removeprefix("RESULT "))
         print(f"{part}: {json.dumps(parts[part])}", file=sys.stderr, flush=True)  # kept if a later part fails
+    if args.plain_only:
+        plain = parts["plain"]
+        print(f"plain, {args.kv_dtype} KV cache: collect + pair {args.prompts / plain['collect_s']:.2f} prompts/s, "
+              f"decode + self-judge {args.eval / plain['judge_s']:.1f} img/s")
+        if "collect_stage_s" in plain:
+            print("judge after generation, seconds by step: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in plain["collect_stage_s"].items()))
+        print(json.dumps(plain))
+        return 0
     pool = parts["pool"]
     plain = parts.get("plain") or {"e2e_s": float("nan"), "judge_s": float("nan"), "collect_s": float("nan")}
     images, prompts = args.eval, args.prompts
@@ -229,6 +272,7 @@ def main(argv=None) -> int:
         # The plain loop's A/B of two options of the Janus adapter, same process, same work:
         "gpu_collect_prompts_per_s_plain_judge_after_generation": (
             round(prompts / plain["collect_s_sequential"], 2) if "collect_s_sequential" in plain else None),
+        "gpu_collect_stage_s_plain_judge_after_generation": plain.get("collect_stage_s"),
         "gpu_judge_img_per_s_plain_channels_last": (
             round(images / plain["judge_s_channels_last"], 1) if "judge_s_channels_last" in plain else None),
         "gpu_settings": {"prompts": prompts, "eval_images": images, "shapes": "Janus-Pro-1B, random weights",
@@ -249,6 +293,9 @@ def main(argv=None) -> int:
                               ("judge_s_channels_last", "plain, decoder channels-last, img/s", images)):
         if key in plain:
             print(f"{label:47} {count / plain[key]:>10.2f}")
+    if "collect_stage_s" in plain:  # the sequential collection, step by step
+        print("plain collection, judge after generation, seconds by step: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in plain["collect_stage_s"].items()))
     print(f"pool efficiency (generate + decode + judge): {plain['e2e_s'] / pool['e2e_s']:.3f}; "
           f"collection: {plain['collect_s'] / pool['collect_s']:.3f}; unsafe fraction {pool['unsafe_fraction']}")
     if args.save:

@@ -132,10 +132,51 @@ def gpu_vs_cpu(run_dir: Path, work: Path, only: list[str] | None = None, codeboo
     if "run_v1" in codebooks and "cpu_fp32" in codebooks:  # the same fp32 update on another CPU: rounding only
         out["cpu_rebuild_vs_run_v1_max_abs_diff"] = float((codebooks["cpu_fp32"] - codebooks["run_v1"]).abs().max())
     if "gpu_bf16" in codebooks and "cpu_fp32" in codebooks:
-        out["codebook_max_abs_diff"] = float((codebooks["gpu_bf16"] - codebooks["cpu_fp32"]).abs().max())
-        out["codebook_max_abs"] = float(codebooks["cpu_fp32"].abs().max())
+        out.update(codebook_agreement(run_dir, codebooks["gpu_bf16"], codebooks["cpu_fp32"]))
     if "train_s_gpu_bf16" in out:
         out["pairs_per_s"] = round((out["report_gpu_bf16"]["pairs"] or 0) / out["train_s_gpu_bf16"], 2)
+    return out
+
+
+def codebook_agreement(run_dir: Path, gpu: "torch.Tensor", cpu: "torch.Tensor") -> dict:
+    """How far the GPU (bf16) codebook is from the CPU (fp32) one, as codes and as what users see:
+    the run's iteration-0 test tokens decoded with each (PSNR between the two images) and, on the
+    world model, the external judge's flags on both decodes."""
+    import glob
+
+    import pyarrow.parquet as pq
+    import torch
+    import yaml
+
+    from safecb.config import parse_config
+    from safecb.models.registry import load_model
+
+    gpu, cpu = gpu.float(), cpu.float()
+    per_code = (gpu - cpu).norm(dim=1)  # (K,)
+    out = {"codebook_max_abs_diff": float((gpu - cpu).abs().max()), "codebook_max_abs": float(cpu.abs().max()),
+           "codebook_per_code_l2_diff_quantiles": {q: round(float(torch.quantile(per_code, float(q))), 5)
+                                                   for q in ("0.5", "0.9", "0.99", "1.0")},
+           "codebook_worst_code": int(per_code.argmax())}
+    files = sorted(glob.glob(str(run_dir / "iter=0000" / "eval" / "*.parquet")))
+    if not files:
+        return out
+    config = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    model = load_model(config.model.model_copy(update={"device": "cpu", "dtype": "float32"}), config.categories)
+    tokens = torch.tensor(pq.read_table(files, columns=["tokens"]).column("tokens").to_pylist())  # (N, T)
+    with torch.no_grad():
+        on_gpu, on_cpu = model.decode(tokens, gpu), model.decode(tokens, cpu)
+    mse = ((on_gpu - on_cpu) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    psnr = 10 * torch.log10(1 / mse)
+    out["decoded_psnr_gpu_vs_cpu_db"] = {"images": len(tokens), "mean": round(float(psnr.mean()), 1),
+                                         "min": round(float(psnr.min()), 1)}
+    if config.model.backend == "world":
+        from safecb.world import world_judge_dir
+        from safecb.world.judge import ExternalJudge
+
+        judge = ExternalJudge.load(world_judge_dir(config.model.path, config.eval.external_judge_path))
+        flags = [(judge.predict(x)["harm"] >= 0.5).any(1) for x in (on_gpu, on_cpu)]
+        out["external_flags_differ"] = {"images": len(tokens), "differ": int((flags[0] != flags[1]).sum()),
+                                        "unsafe_gpu": int(flags[0].sum()), "unsafe_cpu": int(flags[1].sum())}
     return out
 
 
@@ -175,10 +216,23 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=list(REBUILDS), help="run one rebuild of the comparison")
     parser.add_argument("--codebooks-out", help="write each rebuild's codebook here (NAME.safetensors)")
     parser.add_argument("--compare-with", help="a codebook --codebooks-out wrote (the other rebuild, made elsewhere)")
+    parser.add_argument("--agreement", nargs=2, metavar=("GPU", "CPU"),
+                        help="only compare two codebooks --codebooks-out wrote, on --run-dir's test tokens")
     args = parser.parse_args(argv)
     out, result = Path(args.out), {}
     work = Path(tempfile.mkdtemp(prefix="safecb-train-gpu-"))
     parts = args.parts.split(",")
+    if args.agreement:
+        from safetensors.torch import load_file
+
+        if not args.run_dir:
+            parser.error("--agreement needs --run-dir (the run whose update both codebooks rebuilt)")
+        result = {k: v for k, v in (json.loads(out.read_text()) if out.exists() else {}).items()}
+        gpu, cpu = (load_file(path)["codebook"] for path in args.agreement)
+        result.update(codebook_agreement(Path(args.run_dir).resolve(), gpu, cpu))
+        save(out, result)
+        print(json.dumps({k: v for k, v in result.items() if k.startswith(("codebook", "decoded", "external"))}))
+        return 0
     if "compare" in parts and args.run_dir and "world" not in parts:
         # Only the comparison's keys change: the file's other parts (an earlier world run) stay.
         result = {k: v for k, v in (json.loads(out.read_text()) if out.exists() else {}).items()
