@@ -12,10 +12,11 @@ unsafe and every prompt is rewritten, regenerated and judged again (the worst ca
 
 Keys: gpu_collect_prompts_per_s (pool, unsafe fraction `gpu_unsafe_fraction`), gpu_judge_img_per_s
 (pool: decode + self-judge), gpu_pool_efficiency (pool ÷ plain images/s for generate + decode +
-judge), and the plain loop's figures beside them. The plain loop also times two adapter options
-against their defaults on the same work: collection with the judge after each generation batch
-instead of beside the next one (`..._plain_judge_after_generation`), and the VQ decoder in
-channels-last layout (`gpu_judge_img_per_s_plain_channels_last`).
+judge), and the plain loop's figures beside them. The plain loop also times each step of the
+collection (`gpu_collect_stage_s_plain`: generate, decode, judge, rewrite, the rest) and two adapter
+options against their defaults on the same work: the judge on a side stream beside the next
+generation batch (`..._plain_judge_beside_generation`), and the VQ decoder in channels-last layout
+(`gpu_judge_img_per_s_plain_channels_last`).
 """
 
 from __future__ import annotations
@@ -187,13 +188,16 @@ def plain_loop(config_path: Path) -> dict:
         return time.perf_counter() - start, unsafe / max(1, images)
 
     out["collect_s"], fraction = collect()
-    if getattr(model, "overlap_judge", False):  # A/B: the same work with the judge after each generation batch,
-        model.overlap_judge = False           # each step timed on its own (a sync around it): where the time goes
+    if hasattr(model, "overlap_judge"):  # each step timed on its own (a sync around it): where the time goes;
+        default = model.overlap_judge    # then the A/B of the judge beside generation on a side stream
+        model.overlap_judge = False
         with stage_timers(model) as seconds:
-            out["collect_s_sequential"], _ = collect()
+            out["collect_s_timed"], _ = collect()
         out["collect_stage_s"] = {**{k: round(v, 2) for k, v in seconds.items()},
-                                  "other": round(out["collect_s_sequential"] - sum(seconds.values()), 2)}
+                                  "other": round(out["collect_s_timed"] - sum(seconds.values()), 2)}
         model.overlap_judge = True
+        out["collect_s_overlapped"], _ = collect()
+        model.overlap_judge = default
     out.update(images=len(jobs), prompts=len(train), unsafe_fraction=fraction)
     return out
 
@@ -251,7 +255,7 @@ def main(argv=None) -> int:
         print(f"plain, {args.kv_dtype} KV cache: collect + pair {args.prompts / plain['collect_s']:.2f} prompts/s, "
               f"decode + self-judge {args.eval / plain['judge_s']:.1f} img/s")
         if "collect_stage_s" in plain:
-            print("judge after generation, seconds by step: "
+            print("seconds by step: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in plain["collect_stage_s"].items()))
         print(json.dumps(plain))
         return 0
@@ -270,9 +274,9 @@ def main(argv=None) -> int:
         "gpu_collect_efficiency": round(plain["collect_s"] / pool["collect_s"], 3),
         "gpu_pool_seconds": pool, "gpu_plain_seconds": plain,
         # The plain loop's A/B of two options of the Janus adapter, same process, same work:
-        "gpu_collect_prompts_per_s_plain_judge_after_generation": (
-            round(prompts / plain["collect_s_sequential"], 2) if "collect_s_sequential" in plain else None),
-        "gpu_collect_stage_s_plain_judge_after_generation": plain.get("collect_stage_s"),
+        "gpu_collect_prompts_per_s_plain_judge_beside_generation": (
+            round(prompts / plain["collect_s_overlapped"], 2) if "collect_s_overlapped" in plain else None),
+        "gpu_collect_stage_s_plain": plain.get("collect_stage_s"),
         "gpu_judge_img_per_s_plain_channels_last": (
             round(images / plain["judge_s_channels_last"], 1) if "judge_s_channels_last" in plain else None),
         "gpu_settings": {"prompts": prompts, "eval_images": images, "shapes": "Janus-Pro-1B, random weights",
@@ -289,12 +293,12 @@ def main(argv=None) -> int:
     print(f"{args.kv_dtype + ' KV cache':36} {'pool':>10} {'plain':>10}")
     for name, a, b in rows:
         print(f"{name:36} {a:>10.2f} {b:>10.2f}")
-    for key, label, count in (("collect_s_sequential", "plain, judge after generation, prompts/s", prompts),
+    for key, label, count in (("collect_s_overlapped", "plain, judge beside generation, prompts/s", prompts),
                               ("judge_s_channels_last", "plain, decoder channels-last, img/s", images)):
         if key in plain:
             print(f"{label:47} {count / plain[key]:>10.2f}")
     if "collect_stage_s" in plain:  # the sequential collection, step by step
-        print("plain collection, judge after generation, seconds by step: "
+        print("plain collection, seconds by step: "
               + ", ".join(f"{k} {v:.1f}" for k, v in plain["collect_stage_s"].items()))
     print(f"pool efficiency (generate + decode + judge): {plain['e2e_s'] / pool['e2e_s']:.3f}; "
           f"collection: {plain['collect_s'] / pool['collect_s']:.3f}; unsafe fraction {pool['unsafe_fraction']}")

@@ -283,9 +283,10 @@ def test_gpu_judging_beside_generation_gives_the_same_tokens_and_scores(saved_fo
                                    max_prompt_len=32)
     prompts = ["red circle", "blood on grass", "a red circle on grass", "grass", "blood", "a circle", "red", "on"]
     seeds, params, categories = list(range(8)), SamplingParams(guidance=3.0), ["blood", "red"]
-    overlapped = gpu.generate_and_judge(prompts, seeds, params, categories, QUESTION, 4, 2)
-    gpu.overlap_judge = False
+    assert gpu.overlap_judge is False  # the default: one after the other (faster on an H200)
     sequential = gpu.generate_and_judge(prompts, seeds, params, categories, QUESTION, 4, 2)
+    gpu.overlap_judge = True
+    overlapped = gpu.generate_and_judge(prompts, seeds, params, categories, QUESTION, 4, 2)
     reference = _generate_then_judge(gpu, prompts, seeds, params, categories, 4, 2)
     assert torch.equal(overlapped[0], sequential[0]) and torch.equal(overlapped[0], reference[0])
     assert torch.equal(overlapped[1], sequential[1])
