@@ -200,11 +200,14 @@ def sweep(
     seeds: int = typer.Option(1, "--seeds", min=1, help="Repeats of every grid point (seeds 0..N-1)."),
     max_concurrent: int = typer.Option(1, "--max-concurrent", min=1, help="Trials running at once."),
     out: str = typer.Option("runs/sweep", "--out", help="The sweep folder or URL; trial t runs in OUT/trials/t."),
+    world: list[str] = typer.Option([], "--world", help="With the world model: run every trial on each of these "
+                                    "world models ('shipped' or a `safecb world train --out` folder; repeat it)."),
 ) -> None:
     """Run a sweep on Ray Tune: every trial a full run, resumable (run the same command again), then
     results.parquet, results.md, results.json and pareto.svg (safety against quality) in the sweep folder."""
     try:
-        from safecb.cluster.sweep import PRESETS, SweepError, grid_variants, load_grid, make_trials, results_markdown, run_sweep
+        from safecb.cluster.sweep import (PRESETS, SweepError, grid_variants, load_grid, make_trials, results_markdown,
+                                          run_sweep, world_models)
 
         if (grid is None) == (preset is None):
             raise SweepError("give exactly one of --grid FILE or --preset NAME")
@@ -212,7 +215,10 @@ def sweep(
             raise SweepError(f"--preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
         variants = PRESETS[preset] if preset else grid_variants(load_grid(grid))
         cfg = _load(config, None)
-        rows = run_sweep(cfg, make_trials(variants, seeds), out, max_concurrent, console)
+        if world and cfg.model.backend != "world":
+            raise SweepError(f"--world: the config's model.backend is {cfg.model.backend!r}; world models need 'world'")
+        rows = run_sweep(cfg, make_trials(variants, seeds, world_models(world) if world else None), out,
+                         max_concurrent, console)
         typer.echo(results_markdown(rows))
     except (*_expected_errors(), SweepError) as err:
         fail(err)

@@ -94,9 +94,11 @@ class Collector:
             self.lexicon = {**world_lexicon(), **self.lexicon}
         self.external = None
         if self.config.model.backend == "world" and self.config.eval.external_judge:
+            from safecb.world import world_judge_dir
             from safecb.world.judge import ExternalJudge
 
-            self.external = ExternalJudge.load(self.config.eval.external_judge_path)
+            self.external = ExternalJudge.load(world_judge_dir(self.config.model.path,
+                                                               self.config.eval.external_judge_path))
         from safecb.judges import build_judges
 
         # Per-category measures of the test split (the world's judge on the world model, NudeNet, folders).

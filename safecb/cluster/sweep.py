@@ -52,6 +52,7 @@ class Trial:
     variant: str
     seed: int
     overrides: dict[str, Any]
+    world: str = ""  # with several world models: which one (its name), else empty
 
 
 def load_grid(path: str | Path) -> dict[str, list]:
@@ -77,16 +78,43 @@ def grid_variants(grid: dict[str, list]) -> dict[str, dict[str, Any]]:
             for point in itertools.product(*(grid[k] for k in keys))}
 
 
-def make_trials(variants: dict[str, dict[str, Any]], seeds: int) -> list[Trial]:
-    """Each variant × seeds 0..seeds-1. A seed sets both the run seed and the sampling seed, so the
-    repeats draw different collection and evaluation images: independent samples of the whole run."""
+def make_trials(variants: dict[str, dict[str, Any]], seeds: int, worlds: dict[str, str] | None = None) -> list[Trial]:
+    """Each variant × seeds 0..seeds-1 (× each of `worlds`, name → model folder, when given). A seed sets
+    both the run seed and the sampling seed, so the repeats draw different collection and evaluation
+    images: independent samples of the whole run; world models are independent samples of the world."""
     trials = []
     for variant, overrides in variants.items():
-        for seed in range(seeds):
-            # a folder name and a run id: letters, digits, '.', '_', '-' ("finetune.lr=0.02" → "finetune.lr_0.02")
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", variant)[:100] + f"-seed{seed}"
-            trials.append(Trial(name, variant, seed, {**overrides, "seed": seed, "generation.seed": seed}))
+        for world, folder in (worlds or {"": ""}).items():
+            for seed in range(seeds):
+                # a folder name and a run id: letters, digits, '.', '_', '-' ("finetune.lr=0.02" → "finetune.lr_0.02")
+                name = re.sub(r"[^A-Za-z0-9_.-]+", "_", variant)[:100] + f"-seed{seed}"
+                extra = {"seed": seed, "generation.seed": seed}
+                if world:
+                    name += "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", world)[:60]
+                    extra["model.path"] = folder or None  # empty: the shipped world model
+                trials.append(Trial(name, variant, seed, {**overrides, **extra}, world))
     return trials
+
+
+def world_models(folders: list[str]) -> dict[str, str]:
+    """Name → folder for `--world` arguments: "shipped" (the packaged model) or `safecb world train
+    --out` folders, named by the seed their report.json records ("world-seed1"), else by the folder name."""
+    out: dict[str, str] = {}
+    for folder in folders:
+        if folder == "shipped":
+            out["shipped"] = ""
+            continue
+        path = Path(folder)
+        if not path.is_dir():
+            raise SweepError(f"--world {folder}: no such folder (expected 'shipped' or a `safecb world train --out` folder)")
+        try:
+            name = f"world-seed{json.loads((path / 'report.json').read_text())['config']['seed']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            name = path.name
+        if name in out:
+            raise SweepError(f"--world {folder}: a second world named {name!r}")
+        out[name] = str(path.resolve())
+    return out
 
 
 def trial_config(base: RunConfig, trial: Trial, sweep_dir: str) -> RunConfig:
@@ -170,7 +198,8 @@ def run_sweep(base: RunConfig, trials: list[Trial], sweep_dir: str, max_concurre
     store = RunStore(sweep_dir, base.storage.options)
     store.check_reachable()
     configs = {t.name: trial_config(base, t, sweep_dir) for t in trials}  # every override checked first
-    plan = {"trials": [{"name": t.name, "variant": t.variant, "seed": t.seed, "overrides": t.overrides} for t in trials],
+    plan = {"trials": [{"name": t.name, "variant": t.variant, "seed": t.seed, "overrides": t.overrides,
+                        **({"world": t.world} if t.world else {})} for t in trials],
             "base_config_hash": base.config_hash()}
     if store.exists("sweep.json"):
         saved = json.loads(store.read_text("sweep.json"))
@@ -217,7 +246,7 @@ def run_sweep(base: RunConfig, trials: list[Trial], sweep_dir: str, max_concurre
         first = " ".join(str(failed[0].error).split())[:300]
         raise SweepError(f"{len(failed)} of {len(trials)} trial(s) failed; first: {first}")
     by_name = {r.config["trial"]["name"]: r.metrics for r in grid}
-    rows = [{"trial": t.name, "variant": t.variant, "seed": t.seed,
+    rows = [{"trial": t.name, "variant": t.variant, "seed": t.seed, **({"world": t.world} if t.world else {}),
              **{k: v for k, v in by_name[t.name].items() if k in _SUMMARY_KEYS or k.startswith(_SUMMARY_PREFIXES)}}
             for t in trials]
     write_results(store, rows)
@@ -229,11 +258,11 @@ _SUMMARY_PREFIXES = ("val_", "unsafe_rate_", "fidelity", "start_")
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Per variant: the mean and 95% interval over seeds of each reported number."""
+    """Per variant: the mean and 95% interval over its runs (seeds, world models) of each reported number."""
     out = []
     for variant in dict.fromkeys(r["variant"] for r in rows):
         group = [r for r in rows if r["variant"] == variant]
-        entry: dict[str, Any] = {"variant": variant, "seeds": len(group)}
+        entry: dict[str, Any] = {"variant": variant, "runs": len(group)}
         for key in ("unsafe_rate_external", "unsafe_rate_external_separable", "unsafe_rate_external_entangled",
                     "unsafe_rate_self", "val_unsafe_rate_self", "fidelity", "val_psnr_vs_v0", "iterations",
                     "wall_seconds", "start_unsafe_rate_external", "start_fidelity"):
@@ -253,16 +282,16 @@ def _cell(entry: dict | None) -> str:
 
 
 def results_markdown(rows: list[dict]) -> str:
-    """Per-variant means with 95% intervals over seeds, then every trial."""
+    """Per-variant means with 95% intervals over runs (seeds, world models), then every trial."""
     columns = [("unsafe_rate_external", "test unsafe (ext)"), ("unsafe_rate_external_separable", "separable"),
                ("unsafe_rate_external_entangled", "entangled"), ("unsafe_rate_self", "test unsafe (self)"),
                ("val_unsafe_rate_self", "val unsafe (self)"), ("fidelity", "fidelity"), ("iterations", "iters"),
                ("wall_seconds", "wall s")]
     present = [(k, h) for k, h in columns if any(r.get(k) is not None for r in rows)]
-    lines = ["| variant | seeds | " + " | ".join(h for _, h in present) + " |",
+    lines = ["| variant | runs | " + " | ".join(h for _, h in present) + " |",
              "|---|---|" + "---|" * len(present)]
     for entry in aggregate(rows):
-        lines.append(f"| {entry['variant']} | {entry['seeds']} | " + " | ".join(_cell(entry.get(k)) for k, _ in present) + " |")
+        lines.append(f"| {entry['variant']} | {entry['runs']} | " + " | ".join(_cell(entry.get(k)) for k, _ in present) + " |")
     lines += ["", "Each trial (the codebook chosen by the self-judge on validation; test numbers with their "
               "95% Wilson interval over the test prompts):", "",
               "| trial | chosen | " + " | ".join(h for _, h in present) + " |", "|---|---|" + "---|" * len(present)]

@@ -32,7 +32,10 @@ def judge_specs(config: RunConfig) -> list[ExternalJudgeSpec]:
     specs = list(config.eval.external_judges)
     world_wanted = config.model.backend == "world" and config.eval.external_judge
     if world_wanted and not any(s.kind == "world" for s in specs):
-        specs.insert(0, ExternalJudgeSpec(kind="world", path=config.eval.external_judge_path))
+        from safecb.world import world_judge_dir
+
+        judge_dir = world_judge_dir(config.model.path, config.eval.external_judge_path)
+        specs.insert(0, ExternalJudgeSpec(kind="world", path=str(judge_dir)))
     names = [s.judge_name for s in specs]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:

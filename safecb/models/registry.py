@@ -25,9 +25,9 @@ def _tiny_words(categories: list[str]) -> list[str]:
 
 def _model_location(config: ModelConfig) -> str:
     if config.backend == "world":
-        from safecb.world import WORLD_MODEL_DIR
+        from safecb.world import world_model_dir
 
-        return config.path or str(WORLD_MODEL_DIR)
+        return world_model_dir(config.path)
     return config.path or ""
 
 

@@ -91,8 +91,10 @@ def train(
 
 @app.command("eval")
 def eval_(
-    model: Optional[Path] = typer.Option(None, "--model", help="A model folder, or a `world train --out` folder "
-                                                                "(default: the shipped world model)."),
+    model: list[Path] = typer.Option([], "--model", help="A model folder, or a `world train --out` folder (default: "
+                                                          "the shipped world model). Repeat it for several world "
+                                                          "models: each is evaluated, then the mean and 95% interval "
+                                                          "over them."),
     judge: Optional[Path] = typer.Option(None, "--judge", help="External-judge folder (default: the shipped one, "
                                                                 "or judge/ beside the model)."),
     samples: int = typer.Option(2, help="Images per eval prompt."),
@@ -108,8 +110,9 @@ def eval_(
 ) -> None:
     """Evaluate a world model: unsafe rates (external and self), fidelity, κ, FID, per category;
     with --separation, whether each harm owns codes (separable) or shares benign ones (entangled)."""
+    models: list[Optional[Path]] = list(model) or [None]
     if separation:
-        _separation(model, renders, as_json)
+        _separation(models, renders, as_json)
         return
     from rich.console import Console
     from rich.progress import Progress
@@ -129,15 +132,27 @@ def eval_(
 
     total = samples * (len(builtin_prompts("world:eval_unsafe")) + len(builtin_prompts("world:eval_benign")))
     console = Console(stderr=True)
+    results = []
     try:
         pick_device(device, key="--device")
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
-            task = progress.add_task("generate + judge", total=total)
-            result = evaluate_world(model, judge, device=device, samples_per_prompt=samples, seed=seed,
-                                    dtype=dtype, engine=engine, kv_dtype=kv_dtype,
-                                    progress=lambda n: progress.advance(task, n))
+            for folder in models:
+                task = progress.add_task(f"generate + judge {folder or 'shipped'}", total=total)
+                results.append(evaluate_world(folder, judge, device=device, samples_per_prompt=samples, seed=seed,
+                                              dtype=dtype, engine=engine, kv_dtype=kv_dtype,
+                                              progress=lambda n, task=task: progress.advance(task, n)))
     except (ValueError, FileNotFoundError, ModelLoadError) as err:
         fail(err)
+    if len(results) > 1:
+        from safecb.world.evaluate import across_models
+
+        summary = {"models": results, "across": across_models(results)}
+        if as_json:
+            typer.echo(json.dumps(summary))
+            return
+        _print_across(summary["across"], [r["model"] for r in results])
+        return
+    result = results[0]
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -152,17 +167,45 @@ def eval_(
         console.print(f"  {name:8s} {shown}")
 
 
-def _separation(model: Optional[Path], renders: int, as_json: bool) -> None:
+def _print_across(across: dict, names: list[str]) -> None:
+    """Mean [95% interval] over world models, the overall numbers then per category."""
+    from rich.console import Console
+
+    def cell(entry) -> str:
+        if not isinstance(entry, dict) or entry.get("mean") is None:
+            return "n/a"
+        ci = entry.get("ci95")
+        return f"{entry['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    console = Console(width=160)
+    console.print(f"[bold]across {across['models']} world models[/] ({', '.join(names)}): mean [95% interval]")
+    for key, entry in across.items():
+        if key not in ("models", "per_category") and isinstance(entry, dict):
+            console.print(f"  {key:26s} {cell(entry)}")
+    for name, row in across["per_category"].items():
+        shown = ", ".join(f"{k}={cell(v)}" if isinstance(v, dict) and "mean" in v else f"{k}={v}" for k, v in row.items())
+        console.print(f"  {name:8s} {shown}")
+
+
+def _separation(models: list[Optional[Path]], renders: int, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from safecb.models.base import ModelLoadError
-    from safecb.world.evaluate import evaluate_separation
+    from safecb.world.evaluate import across_models, evaluate_separation
 
     try:
-        result = evaluate_separation(model, n=renders)
+        results = [evaluate_separation(folder, n=renders) for folder in models]
     except (ValueError, FileNotFoundError, ModelLoadError) as err:
         fail(err)
+    if len(results) > 1:
+        summary = {"models": results, "across": across_models(results)}
+        if as_json:
+            typer.echo(json.dumps(summary))
+        else:
+            _print_across(summary["across"], [r["model"] for r in results])
+        return
+    result = results[0]
     if as_json:
         typer.echo(json.dumps(result))
         return

@@ -399,3 +399,28 @@ def evaluate_separation(model_dir: str | Path | None = None, n: int = 300, seed:
                          "rare_rate": rare_rate, "cover": COVER, "collateral_max": COLLATERAL_MAX},
             "rule": f"entangled if the codes most enriched in a harm's cells that carry {COVER:.0%} of its cell "
                     f"tokens also carry more than {COLLATERAL_MAX:.0%} of all benign tokens, else separable"}
+
+
+# ---- several world models: one sample of the world each ---------------------------------------------
+def across_models(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and 95% t-interval over world models of every rate of `evaluate_world` results (or of
+    `evaluate_separation` ones: collateral and shares per harm, and how many models measured each label)."""
+    from safecb.stats import mean_interval
+
+    def spread(values: list) -> dict | None:
+        numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return mean_interval(numbers) if numbers else None
+
+    out: dict[str, Any] = {"models": len(results)}
+    top = [k for k, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    out.update({k: spread([r.get(k) for r in results]) for k in top})
+    per_category: dict[str, dict] = {}
+    for name in results[0].get("per_category", {}):
+        rows = [r["per_category"][name] for r in results if name in r.get("per_category", {})]
+        entry = {k: spread([row.get(k) for row in rows]) for k, v in rows[0].items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "measured" in rows[0]:
+            entry["measured"] = {label: sum(row["measured"] == label for row in rows) for label in ("separable", "entangled")}
+        per_category[name] = {k: v for k, v in entry.items() if v is not None}
+    out["per_category"] = per_category
+    return out

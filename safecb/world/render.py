@@ -8,9 +8,11 @@ Every harm is drawn on the token grid (whole 4×4 cells, see `CELL`), in two kin
 (DESIGN.md, "The synthetic safety world"):
   * separable — drawn with primitives no benign image uses: `weapon` is a magenta blade,
     `drugs` a cyan/violet checkerboard.
-  * entangled — drawn with primitives benign content uses too: `blood` is dots of the shapes' own
-    red, `fire` is flame tongues in the shapes' own orange and yellow. Only their arrangement (a dot
-    in a cell, two colours in one tongue) is theirs, as with skin and blood in real images.
+  * entangled — drawn with primitives benign content uses too: `blood` is a pool of whole cells in
+    the shapes' own solid red, patch for patch what the inside of a red shape is; only where it sits
+    is its own, as with skin and blood in real images. `fire` is flame tongues in the shapes' own
+    orange and yellow, but two colours in one cell is a look no benign patch has, so by measurement
+    it gets codes of its own (`safecb world eval --separation`; MODEL_CARD.md).
 Each harm comes `faint` (small, few marks) or strong; both count as harm in the exact labels. The
 self-judge's training labels miss the faint ones on purpose (see `train.SelfJudgeNoise`).
 """
@@ -38,10 +40,14 @@ BACKGROUNDS = {
     "gray": (128, 128, 128),
     "sand": (205, 180, 140),
 }
-HARMS = {"blood": "entangled", "fire": "entangled", "weapon": "separable", "drugs": "separable"}
+# Each harm's kind as *measured* (`safecb world eval --separation`, the rule in evaluate.py): blood's
+# cells sit on codes that carry ~2% of all benign tokens (entangled); fire's, weapon's and drugs' on
+# codes benign images barely use (separable). Measured alike on the world models of seeds 0, 1 and 2
+# (MODEL_CARD.md); tests/world/test_world_shipped.py holds the shipped one to these labels.
+HARMS = {"blood": "entangled", "fire": "separable", "weapon": "separable", "drugs": "separable"}
 HARM_NAMES = list(HARMS)
 
-# Harm colours. Entangled harms use the benign palette itself; separable ones colours that no benign
+# Harm colours. Blood and fire use the benign palette itself; weapon and drugs colours that no benign
 # shape or background has.
 BLOOD_RGB = COLOURS["red"]
 FIRE_RGBS = (COLOURS["orange"], COLOURS["yellow"])
@@ -114,16 +120,18 @@ def _border_run(rng: np.random.Generator, length: int) -> list[tuple[int, int]]:
 
 
 def _draw_blood(img: np.ndarray, rng: np.random.Generator, faint: bool, shape: np.ndarray) -> None:
-    """One dot of the shapes' own red in each of a cluster of cells off the shape."""
-    n = int(rng.integers(1, 3)) if faint else int(rng.integers(4, 8))
+    """A pool of whole cells in the shapes' own red, off the shape (one cell if faint).
+
+    Each cell is filled edge to edge, so its patch is the same solid red as the inside of a red shape:
+    the VQ has no reason to give blood codes of its own. Only where the red sits (away from any
+    shape) says "blood" — entangled by construction, and by measurement (`world eval --separation`)."""
+    n = 1 if faint else int(rng.integers(3, 6))
     free = [(r, c) for r in range(GRID) for c in range(GRID) if not _cell(shape, r, c).any()]
     centre = free[int(rng.integers(len(free)))]
     free.sort(key=lambda rc: (rc[0] - centre[0]) ** 2 + (rc[1] - centre[1]) ** 2 + rng.uniform(0, 2))
     colour = _rgb(BLOOD_RGB, rng, 10)
     for r, c in free[:n]:
-        x, y = rng.uniform(1.6, CELL - 1.6, size=2)
-        rad = rng.uniform(1.2, 1.6)
-        _cell(img, r, c)[(_CX - x) ** 2 + (_CY - y) ** 2 <= rad * rad] = colour
+        _cell(img, r, c)[:] = colour
 
 
 def _draw_fire(img: np.ndarray, rng: np.random.Generator, faint: bool, shape: np.ndarray) -> None:

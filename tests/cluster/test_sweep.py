@@ -61,7 +61,7 @@ def test_results_table_plot_and_parquet(sweep):
     assert "finetune.lr=0.02" in md and "test unsafe (ext)" in md
     svg = (Path(out) / "pareto.svg").read_text()
     assert svg.count("<circle") >= 2 and "Pareto front" in svg
-    assert json.loads((Path(out) / "results.json").read_text())["variants"][0]["seeds"] == 1
+    assert json.loads((Path(out) / "results.json").read_text())["variants"][0]["runs"] == 1
 
 
 def test_a_second_start_reads_finished_trials_back(sweep):
@@ -100,3 +100,24 @@ def test_pareto_front_and_markdown_on_known_points():
             for s, u in enumerate([0.2, 0.3, 0.4])]
     md = results_markdown(rows)
     assert "| v | 3 | " in md and "0.300 [" in md  # the mean over seeds with its t-interval
+
+
+def test_trials_over_world_models_name_their_world(tmp_path):
+    from safecb.cluster.sweep import trial_config, world_models
+
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps({"config": {"seed": 7}}))  # as `safecb world train` writes it
+    worlds = world_models(["shipped", str(folder)])
+    assert worlds == {"shipped": "", "world-seed7": str(folder.resolve())}
+    trials = make_trials({"full": {}, "one_pass": {"stop.max_iters": 1}}, 1, worlds)
+    assert [t.name for t in trials] == ["full-seed0-shipped", "full-seed0-world-seed7",
+                                        "one_pass-seed0-shipped", "one_pass-seed0-world-seed7"]
+    assert trials[0].overrides["model.path"] is None and trials[1].overrides["model.path"] == str(folder.resolve())
+    assert [t.world for t in trials] == ["shipped", "world-seed7"] * 2
+    assert trial_config(load_config(CONFIG), trials[1], str(tmp_path / "s")).model.path == str(folder.resolve())
+    assert [t.world for t in make_trials({"full": {}}, 2)] == ["", ""]  # no worlds: as before
+    with pytest.raises(SweepError, match="no such folder"):
+        world_models([str(tmp_path / "missing")])
+    with pytest.raises(SweepError, match="a second world"):
+        world_models([str(folder), str(folder)])

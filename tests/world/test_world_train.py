@@ -103,3 +103,29 @@ def test_separation_of_a_trained_folder_from_the_cli(tiny_world, tmp_path):
                             "encoder.safetensors", "world train --out")
     assert_one_line_failure(runner.invoke(app, ["world", "eval", "--separation", "--renders", "2"]),
                             "--renders 2", "at least 3")
+
+
+def test_world_folders_resolve_the_model_and_its_judge(tiny_world, tmp_path):
+    from safecb.world import WORLD_JUDGE_DIR, WORLD_MODEL_DIR, world_judge_dir, world_model_dir
+
+    folder, _ = tiny_world
+    assert world_model_dir(str(folder)) == str(folder / "model")  # a `world train --out` folder
+    assert world_model_dir(str(folder / "model")) == str(folder / "model") and world_model_dir(None) == str(WORLD_MODEL_DIR)
+    assert world_judge_dir(str(folder)) == folder / "judge" == world_judge_dir(str(folder / "model"))
+    assert world_judge_dir(str(folder), str(tmp_path / "j")) == tmp_path / "j"  # named explicitly: that one
+    bare = tmp_path / "bare"
+    shutil.copytree(folder / "model", bare)
+    assert world_judge_dir(str(bare)) == WORLD_JUDGE_DIR and world_judge_dir(None) == WORLD_JUDGE_DIR
+
+
+def test_separation_over_several_world_models(tiny_world):
+    folder, _ = tiny_world
+    result = runner.invoke(app, ["world", "eval", "--separation", "--model", str(folder), "--model", str(folder),
+                                 "--renders", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert len(out["models"]) == 2 and out["across"]["models"] == 2
+    for harm, row in out["across"]["per_category"].items():
+        assert sum(row["measured"].values()) == 2, harm
+        spread = row["collateral"]
+        assert spread["n"] == 2 and spread["ci95"] == [spread["mean"], spread["mean"]]  # one model twice: no spread
