@@ -113,12 +113,13 @@ def main() -> None:
         parts = [json.loads(Path(path).read_text()) for path in args.merge]
         rows = [row for part in parts for row in part["trials"]]
         meta = {**parts[0]["meta"], "merged_from": [Path(path).name for path in args.merge],
+                "worlds": [w for part in parts for w in part["meta"].get("worlds", [])],
                 "sweep_seconds": [part["meta"].get("sweep_seconds") for part in parts], "trials_finished": len(rows)}
         write_tables(rows, Path(args.results), meta)
         return
     worlds = world_models(args.world) if args.world else None
-    if worlds:
-        meta["worlds"] = worlds
+    if worlds:  # names only: a folder is where it sits on one machine; `world-seedN` says how to rebuild it
+        meta["worlds"] = list(worlds)
     if args.from_sweep is None:
         overrides = {"resources.threads": 1, "model.device": args.device}
         for item in args.sets:

@@ -13,6 +13,8 @@ from safecb.prompts import load_prompts
 from safecb.schemas import GENERATION_SCHEMA, PAIR_SCHEMA, table_from_rows
 from safecb.stages import UpdateStatistics, collect_shard
 from safecb.world import world_lexicon
+from safecb.world.render import Scene, render_batch
+from safecb.world.train import encode_tokens, load_patch_encoder
 
 NUM_TOKENS, NUM_CODES, DIM = 4, 6, 3
 
@@ -77,14 +79,18 @@ def test_only_same_seed_rewrites_become_harm_targets():
 
 
 def test_collection_marks_images_that_were_unsafe_under_v0():
-    """With an edited codebook that draws every grid harmless (each code the codebook's mean), the
-    world's harmful train prompts look safe now; decoded with v0 the self-judge sees the harm again."""
+    """With an edited codebook that draws every grid harmless (each code the white background's code:
+    a blank white image), the world's harmful train prompts look safe now; decoded with v0 the
+    self-judge sees the harm again. (Not the codebook's mean: that decodes to a flat gray, which the
+    world's self-judge takes for drugs, its green-on-gray look-alike.)"""
     config = parse_config({"run_id": "t", "categories": ["blood", "fire", "weapon", "drugs"],
                            "generation": {"samples_per_prompt": 1}, "pairing": {"builtin_lexicon": "world"},
                            "resources": {"threads": 1}})
     model = load_model(ModelConfig(backend="world"), config.categories, 0)
     v0 = model.get_codebook().clone()
-    model.set_codebook(v0.mean(dim=0, keepdim=True).expand_as(v0).clone(), 1)
+    white = encode_tokens(model.model, load_patch_encoder(), render_batch([Scene("circle", "blue", "white", seed=1)]))
+    blank = int(torch.mode(white.flatten()).values)  # the background's code
+    model.set_codebook(v0[blank:blank + 1].expand_as(v0).clone(), 1)
     prompts = load_prompts(config.prompts.train, "prompts.train")
     harmful = [p for p in prompts if p.category][:12]
     benign = [p for p in prompts if not p.category][:12]

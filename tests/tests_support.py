@@ -81,3 +81,38 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def config_for(baseline, run_dir: Path, **overrides):
+    """The session's `tiny_run` config (its prompt files) for another run folder."""
+    from safecb.config import parse_config
+
+    return parse_config(tiny_config(baseline.tmp, run_dir, **overrides))
+
+
+def copy_run(baseline, tmp_path: Path, **overrides):
+    """A private copy of the finished baseline run (shard paths are relative, so a copy is a valid run)."""
+    import shutil
+
+    from safecb.storage import RunStore
+
+    root = tmp_path / "run"
+    shutil.copytree(baseline.tmp / "run", root)
+    return config_for(baseline, root, **overrides), RunStore(str(root)), root
+
+
+def rewound(baseline, tmp_path: Path, **overrides):
+    """A copy of the baseline as a driver killed at the start of iteration 2 leaves it: no iteration-2
+    folder, no final decision, v1 current. Its v2 artifact stays: a resume reuses it, as it reuses any
+    complete artifact of an interrupted attempt, so no trainer fit runs (test_trainer.py checks those)."""
+    import json
+    import shutil
+
+    from safecb.storage import CURRENT_CODEBOOK
+
+    config, store, root = copy_run(baseline, tmp_path, **overrides)
+    shutil.rmtree(root / "iter=0002")
+    (root / "final.json").unlink()
+    store.write_text(CURRENT_CODEBOOK, json.dumps({"version": 1, "sha256": store.read_codebook(1)[1].sha256}))
+    assert [m.iteration for m in store.valid_manifests()] == [0, 1]
+    return config, store, root

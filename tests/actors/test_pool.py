@@ -33,8 +33,8 @@ from safecb.config import parse_config
 from safecb.controller import RunError, run
 from safecb.prompts import PromptError, read_prompt_range
 from safecb.schemas import GENERATION_SCHEMA, PAIR_SCHEMA
-from safecb.storage import CURRENT_CODEBOOK, RunStore
-from tests_support import VOLATILE, cmdline, comparable, tiny_config, wait_for
+from safecb.storage import RunStore
+from tests_support import VOLATILE, cmdline, comparable, config_for, copy_run, rewound, tiny_config, wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")  # one local Ray for every in-process run here
 
@@ -46,29 +46,6 @@ TABLES = {"generations": GENERATION_SCHEMA, "pairs": PAIR_SCHEMA, "eval": GENERA
 def baseline(tiny_run):
     """The uninterrupted 1-actor run: 6 train prompts in 3 shards, 3 eval prompts in 2, 2 iterations."""
     return tiny_run
-
-
-def config_for(baseline, run_dir: Path, **overrides):
-    return parse_config(tiny_config(baseline.tmp, run_dir, **overrides))
-
-
-def copy_run(baseline, tmp_path: Path, **overrides):
-    """A private copy of the finished baseline run (shard paths are relative, so a copy is a valid run)."""
-    root = tmp_path / "run"
-    shutil.copytree(baseline.tmp / "run", root)
-    return config_for(baseline, root, **overrides), RunStore(str(root)), root
-
-
-def rewound(baseline, tmp_path: Path, **overrides):
-    """A copy of the baseline as a driver killed at the start of iteration 2 leaves it: no iteration-2
-    folder, no final decision, v1 current. Its v2 artifact stays: a resume reuses it, as it reuses any
-    complete artifact of an interrupted attempt, so no trainer fit runs (test_trainer.py checks those)."""
-    config, store, root = copy_run(baseline, tmp_path, **overrides)
-    shutil.rmtree(root / "iter=0002")
-    (root / "final.json").unlink()
-    store.write_text(CURRENT_CODEBOOK, json.dumps({"version": 1, "sha256": store.read_codebook(1)[1].sha256}))
-    assert [m.iteration for m in store.valid_manifests()] == [0, 1]
-    return config, store, root
 
 
 def rows(store: RunStore) -> dict:
