@@ -210,7 +210,7 @@ def _separation(models: list[Optional[Path]], renders: int, as_json: bool) -> No
         typer.echo(json.dumps(result))
         return
     table = Table(title=f"code separation of {result['model']} ({renders} renders a harm)")
-    for column in ("harm", "design", "measured", "rare share", "never share", "enriched codes", "enriched share",
+    for column in ("harm", "declared", "measured", "rare share", "never share", "enriched codes", "enriched share",
                    "collateral", "probe hist acc/AUC", "probe mean acc/AUC"):
         table.add_column(column)
     for harm, row in result["per_category"].items():

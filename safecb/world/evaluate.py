@@ -334,8 +334,8 @@ def code_separation(model, encoder, n: int = 300, seed: int = 777, ratio: float 
 
     Keeps the whole-image numbers of the first world report (token_share_enriched: share of all of a
     harm image's tokens on codes >= `ratio`× enriched; token_share_never_benign: on codes benign never
-    uses) and adds `separation_stats` over the harm's own cells, with the design label ("kind") beside
-    the measured one ("measured")."""
+    uses) and adds `separation_stats` over the harm's own cells, with the declared label ("kind", as
+    `WORLD_CATEGORIES` holds it) beside the measured one ("measured")."""
     from dataclasses import replace
 
     from safecb.world.render import CELL, random_scene, render_batch
