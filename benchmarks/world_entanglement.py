@@ -43,7 +43,7 @@ def measure(run_dir: Path, renders: int = 100, seed: int = 5) -> dict:
     from safecb.world import WEIGHTS_DIR, world_judge_dir, world_model_dir
     from safecb.world.judge import ExternalJudge
     from safecb.world.render import BLOOD_RGB, COLOURS, HARM_NAMES, random_scene, render_batch
-    from safecb.world.train import encode_tokens, load_patch_encoder
+    from safecb.world.tokenizer import encode_tokens, load_patch_encoder
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     final = json.loads((run_dir / "final.json").read_text())

@@ -14,7 +14,7 @@ from safecb.schemas import GENERATION_SCHEMA, PAIR_SCHEMA, table_from_rows
 from safecb.stages import UpdateStatistics, collect_shard
 from safecb.world import world_lexicon
 from safecb.world.render import Scene, render_batch
-from safecb.world.train import encode_tokens, load_patch_encoder
+from safecb.world.tokenizer import encode_tokens, load_patch_encoder
 
 NUM_TOKENS, NUM_CODES, DIM = 4, 6, 3
 

@@ -339,7 +339,7 @@ def code_separation(model, encoder, n: int = 300, seed: int = 777, ratio: float 
     from dataclasses import replace
 
     from safecb.world.render import CELL, random_scene, render_batch
-    from safecb.world.train import encode_tokens
+    from safecb.world.tokenizer import encode_tokens
 
     rng = np.random.default_rng(seed)
     codebook = model.model.vqmodel.quantize.embedding.weight.detach().float().cpu()
@@ -378,7 +378,7 @@ def evaluate_separation(model_dir: str | Path | None = None, n: int = 300, seed:
     (or in the folder itself)."""
     from safecb.models.janus import JanusAdapter
     from safecb.world import WEIGHTS_DIR, WORLD_MODEL_DIR
-    from safecb.world.train import load_patch_encoder
+    from safecb.world.tokenizer import load_patch_encoder
 
     if n < 3:
         raise ValueError(f"--renders {n}: expected at least 3 renders per harm (the probe holds some out)")

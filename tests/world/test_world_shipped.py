@@ -53,7 +53,7 @@ def test_external_judge_is_accurate_on_fresh_renders(judge):
 
 def test_tokenizer_is_local_and_harms_are_separable_or_entangled_as_declared(adapter):
     from safecb.world.evaluate import code_separation
-    from safecb.world.train import encode_tokens, load_patch_encoder
+    from safecb.world.tokenizer import encode_tokens, load_patch_encoder
 
     encoder = load_patch_encoder()
     clean = Scene("circle", "blue", "white", None, False, 9)
