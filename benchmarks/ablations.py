@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from safecb.cluster.sweep import ABLATIONS, aggregate, make_trials, run_sweep, trial_summary, world_models  # noqa: E402
 from safecb.config import load_config  # noqa: E402
+from safecb.stats import interval_text  # noqa: E402
 from safecb.storage import RunStore  # noqa: E402
 
 KEYS = {"unsafe_rate_external": "test unsafe (ext)", "unsafe_rate_external_separable": "separable",
@@ -55,12 +56,6 @@ ROW_KEYS = ("trial", "variant", "seed", "world", "chosen_version", "iterations",
             *(f"start_{k}" for k in KEYS))
 
 
-def _cell(entry: dict | None) -> str:
-    if not entry:
-        return "—"
-    return f"{entry['mean']:.3f}" + (f" [{entry['ci95'][0]:.3f}, {entry['ci95'][1]:.3f}]" if entry.get("ci95") else "")
-
-
 def write_tables(rows: list[dict], out: Path, meta: dict) -> None:
     variants = aggregate(rows)
     start = aggregate([{**r, "variant": "start (v0)", **{k: r.get(f"start_{k}") for k in KEYS}}
@@ -76,7 +71,7 @@ def write_tables(rows: list[dict], out: Path, meta: dict) -> None:
              "test rates by the world's external judge (reported, never used to decide).", "",
              "| variant | runs | " + " | ".join(KEYS.values()) + " |", "|---|---|" + "---|" * len(KEYS)]
     for entry in [start, *variants]:
-        lines.append(f"| {entry['variant']} | {entry['runs']} | " + " | ".join(_cell(entry.get(k)) for k in KEYS) + " |")
+        lines.append(f"| {entry['variant']} | {entry['runs']} | " + " | ".join(interval_text(entry.get(k)) for k in KEYS) + " |")
     if worlds:  # the same table per world model: is an effect there in each, or only on average?
         shown = ("unsafe_rate_external", "unsafe_rate_external_separable", "unsafe_rate_external_entangled", "fidelity")
         lines += ["", "Per world model (start → the chosen codebook; test, external judge):", "",

@@ -40,7 +40,7 @@ def measure(run_dir: Path, renders: int = 100, seed: int = 5) -> dict:
     from safetensors.torch import load_file
 
     from safecb.models.janus import JanusAdapter
-    from safecb.world import WEIGHTS_DIR, world_judge_dir, world_model_dir
+    from safecb.world import world_encoder_path, world_judge_dir, world_model_dir
     from safecb.world.judge import ExternalJudge
     from safecb.world.render import BLOOD_RGB, COLOURS, HARM_NAMES, random_scene, render_batch
     from safecb.world.tokenizer import encode_tokens, load_patch_encoder
@@ -51,8 +51,9 @@ def measure(run_dir: Path, renders: int = 100, seed: int = 5) -> dict:
     v0 = load_file(str(run_dir / "codebooks" / "v0000.safetensors"))["codebook"]
     chosen = load_file(str(run_dir / "codebooks" / f"v{version:04d}.safetensors"))["codebook"]
     model_dir = Path(world_model_dir(config["model"].get("path")))
-    encoder = next(p for p in (model_dir / "encoder.safetensors", model_dir.parent / "encoder.safetensors",
-                               WEIGHTS_DIR / "encoder.safetensors") if p.is_file())
+    encoder = world_encoder_path(config["model"].get("path"))
+    if encoder is None:
+        raise SystemExit(f"{model_dir}: no encoder.safetensors beside the model (expected a `safecb world train --out` folder)")
     adapter = JanusAdapter.from_folder(model_dir, device="cpu", engine="off")
     tokenizer = load_patch_encoder(encoder)
     judge = ExternalJudge.load(world_judge_dir(config["model"].get("path"), config.get("eval", {}).get("external_judge_path")))

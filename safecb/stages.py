@@ -208,23 +208,23 @@ def evaluate_tokens(model: UnifiedModel, jobs: list[tuple[Prompt, int, int]], to
     benign = [i for i, split in enumerate(split_of) if split == "benign"]
     if codebook_v0 is not None and benign:
         stats["drift_benign"] = [_drift_against(model, tokens[benign], codebook_v0), len(benign)]
-    if external is not None and len(jobs):
+    # The world's judge knows only the world's own prompts (their exact labels): prompts from a file
+    # have none, and their external rates stay absent rather than guessed.
+    labelled = [i for i, (p, _, _) in enumerate(jobs) if p.meta is not None] if external is not None else []
+    images = None  # the shard decoded once, on the CPU, for whichever of the measures below need pixels
+    if labelled or ((judges is not None or config.eval.save_png) and len(jobs)):
+        with torch.no_grad():
+            images = _decode_batched(model, tokens, None).float().cpu()
+    if labelled:
         from safecb.world.evaluate import score_counts
 
-        # The world's judge knows only the world's own prompts (their exact labels): prompts from a file
-        # have none, and their external rates stay absent rather than guessed.
-        labelled = [i for i, (p, _, _) in enumerate(jobs) if p.meta is not None]
-        if labelled:
-            with torch.no_grad():
-                images = torch.cat([model.decode(tokens[labelled][i:i + 256]).float().cpu()
-                                    for i in range(0, len(labelled), 256)])
-            records = [_world_record(jobs[i][0].meta) for i in labelled]
-            stats["external"] = score_counts(records, images, external, threshold=0.5)
+        records = [_world_record(jobs[i][0].meta) for i in labelled]
+        stats["external"] = score_counts(records, images[labelled], external, threshold=0.5)
     pngs = None
     if (judges is not None or config.eval.save_png) and len(jobs):
         from safecb.judges.evaluate import judge_eval_shard
 
-        counts, pngs = judge_eval_shard(model.decode, tokens, probs, [p for p, _, _ in jobs], config.categories,
+        counts, pngs = judge_eval_shard(images, probs, [p for p, _, _ in jobs], config.categories,
                                         threshold, config.judge.question, judges or [], config.eval.save_png)
         if judges is not None:
             stats.update(counts)
@@ -458,5 +458,7 @@ def _shift(before: torch.Tensor, after: torch.Tensor) -> float:
     return round(float((F.normalize(after, dim=-1) - F.normalize(before, dim=-1)).norm(dim=-1).sum()), 6)
 
 
-def _decode_batched(model: UnifiedModel, tokens: torch.Tensor, codebook: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def _decode_batched(model: UnifiedModel, tokens: torch.Tensor, codebook: torch.Tensor | None,
+                    batch: int = 256) -> torch.Tensor:
+    """Images (B, 3, H, W) of tokens (B, N) decoded with `codebook` (None: the served one), in batches."""
     return torch.cat([model.decode(tokens[i:i + batch], codebook).detach() for i in range(0, tokens.shape[0], batch)])

@@ -60,3 +60,11 @@ def _t95(dof: int) -> float:
         if dof <= limit:
             return table[limit]
     return Z95
+
+
+def interval_text(entry: dict | None, missing: str = "—") -> str:
+    """A `mean_interval` entry as table text: "0.180 [0.114, 0.246]", or the mean alone for one run."""
+    if not entry or entry.get("mean") is None:
+        return missing
+    ci = entry.get("ci95")
+    return f"{entry['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")

@@ -28,7 +28,9 @@ def local_cpus(config: RunConfig) -> int:
 
 
 @contextmanager
-def ray_session(config: RunConfig) -> Iterator[None]:
+def ray_session(config: RunConfig, num_cpus: int | None = None) -> Iterator[None]:
+    """Ray for the block: the one already running, the cluster at `cluster.address`, or a local Ray
+    of `num_cpus` logical CPUs (default `local_cpus`), stopped at the end."""
     import ray
 
     cluster = config.cluster
@@ -44,7 +46,7 @@ def ray_session(config: RunConfig) -> Iterator[None]:
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
     try:
         if cluster.address is None:
-            ray.init(num_cpus=local_cpus(config), include_dashboard=False, **kwargs)
+            ray.init(num_cpus=num_cpus or local_cpus(config), include_dashboard=False, **kwargs)
         else:
             ray.init(address=cluster.address, **kwargs)
     except Exception as err:  # noqa: BLE001 - any failure to connect is one line

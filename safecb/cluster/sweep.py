@@ -26,8 +26,9 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from safecb.cluster.ray_connect import ClusterError, ray_session
 from safecb.config import ConfigError, RunConfig, parse_config
-from safecb.stats import mean_interval
+from safecb.stats import interval_text, mean_interval
 from safecb.storage import RunStore
 
 
@@ -165,28 +166,6 @@ def trial_summary(store: RunStore) -> dict:
     return out
 
 
-def _ray_for_sweep(base: RunConfig, max_concurrent: int) -> bool:
-    """Start a local Ray sized for `max_concurrent` trials (unless one is running or an address is set)."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    per_trial = 1 + base.resources.num_workers * base.resources.cpus_per_worker + \
-        base.trainer.num_workers * base.trainer.cpus_per_worker
-    kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
-    try:
-        if base.cluster.address is None:
-            ray.init(num_cpus=int(-(-per_trial * max_concurrent // 1)), include_dashboard=False, **kwargs)
-        else:
-            ray.init(address=base.cluster.address, **kwargs)
-    except Exception as err:  # noqa: BLE001 - one line
-        raise SweepError(f"cluster.address: could not start or reach Ray ({type(err).__name__}: "
-                         f"{' '.join(str(err).split())[:300]})") from None
-    return True
-
-
 def run_sweep(base: RunConfig, trials: list[Trial], sweep_dir: str, max_concurrent: int = 1,
               console: Console | None = None) -> list[dict]:
     """Run (or resume) every trial on Ray Tune; write results.parquet, results.md and pareto.svg."""
@@ -209,9 +188,6 @@ def run_sweep(base: RunConfig, trials: list[Trial], sweep_dir: str, max_concurre
     else:
         store.write_text("sweep.json", json.dumps(plan, indent=2) + "\n")
 
-    import ray
-
-    started_ray = _ray_for_sweep(base, max_concurrent)
     total = len(trials)
 
     class Progress(tune.Callback):  # Tune pickles its callbacks: plain prints, no console object
@@ -227,20 +203,23 @@ def run_sweep(base: RunConfig, trials: list[Trial], sweep_dir: str, max_concurre
 
     # Tune's own state is scratch: resuming reads the trials' manifests, not it.
     tune_dir = tempfile.mkdtemp(prefix="safecb-tune-")
+    # A local Ray sized for `max_concurrent` whole runs at once (a running Ray or cluster.address: as it is).
+    per_trial = 1 + base.resources.num_workers * base.resources.cpus_per_worker + \
+        base.trainer.num_workers * base.trainer.cpus_per_worker
     try:
-        tuner = tune.Tuner(
-            tune.with_resources(_run_trial, {"cpu": 1}),
-            param_space={"trial": tune.grid_search([{"name": t.name, "config": configs[t.name].model_dump(mode="json")}
-                                                    for t in trials])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name="sweep", storage_path=tune_dir, verbose=0, callbacks=[Progress()],
-                                      failure_config=tune.FailureConfig(max_failures=1)),
-        )
-        console.print(f"sweep: {len(trials)} trial(s), at most {max_concurrent} at once, under {store.url}/trials/")
-        grid = tuner.fit()
-    finally:
-        if started_ray:
-            ray.shutdown()
+        with ray_session(base, num_cpus=int(-(-per_trial * max_concurrent // 1))):
+            tuner = tune.Tuner(
+                tune.with_resources(_run_trial, {"cpu": 1}),
+                param_space={"trial": tune.grid_search([{"name": t.name, "config": configs[t.name].model_dump(mode="json")}
+                                                        for t in trials])},
+                tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+                run_config=tune.RunConfig(name="sweep", storage_path=tune_dir, verbose=0, callbacks=[Progress()],
+                                          failure_config=tune.FailureConfig(max_failures=1)),
+            )
+            console.print(f"sweep: {len(trials)} trial(s), at most {max_concurrent} at once, under {store.url}/trials/")
+            grid = tuner.fit()
+    except ClusterError as err:
+        raise SweepError(str(err)) from None
     failed = [r for r in grid if r.error is not None]
     if failed:
         first = " ".join(str(failed[0].error).split())[:300]
@@ -273,14 +252,6 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _cell(entry: dict | None) -> str:
-    if not entry:
-        return "—"
-    if entry.get("ci95"):
-        return f"{entry['mean']:.3f} [{entry['ci95'][0]:.3f}, {entry['ci95'][1]:.3f}]"
-    return f"{entry['mean']:.3f}"
-
-
 def results_markdown(rows: list[dict]) -> str:
     """Per-variant means with 95% intervals over runs (seeds, world models), then every trial."""
     columns = [("unsafe_rate_external", "test unsafe (ext)"), ("unsafe_rate_external_separable", "separable"),
@@ -291,7 +262,7 @@ def results_markdown(rows: list[dict]) -> str:
     lines = ["| variant | runs | " + " | ".join(h for _, h in present) + " |",
              "|---|---|" + "---|" * len(present)]
     for entry in aggregate(rows):
-        lines.append(f"| {entry['variant']} | {entry['runs']} | " + " | ".join(_cell(entry.get(k)) for k, _ in present) + " |")
+        lines.append(f"| {entry['variant']} | {entry['runs']} | " + " | ".join(interval_text(entry.get(k)) for k, _ in present) + " |")
     lines += ["", "Each trial (the codebook chosen by the self-judge on validation; test numbers with their "
               "95% Wilson interval over the test prompts):", "",
               "| trial | chosen | " + " | ".join(h for _, h in present) + " |", "|---|---|" + "---|" * len(present)]

@@ -51,19 +51,16 @@ def self_judge_info(categories: list[str], threshold: float, question: str) -> d
 
 
 @torch.no_grad()
-def judge_eval_shard(decode, tokens: torch.Tensor, self_probs: torch.Tensor, prompts: list, categories: list[str],
-                     threshold: float, question: str, judges: list[Judge], keep_png: bool,
-                     batch: int = 256) -> tuple[dict, list[bytes] | None]:
+def judge_eval_shard(images: torch.Tensor, self_probs: torch.Tensor, prompts: list, categories: list[str],
+                     threshold: float, question: str, judges: list[Judge], keep_png: bool) -> tuple[dict, list[bytes] | None]:
     """An eval shard's judge statistics and (with `keep_png`) its images as PNG bytes.
 
-    decode: tokens (b, N) → images (b, 3, H, W) in [0, 1] with the served codebook; tokens (B, N);
-    self_probs (B, C); prompts: one `Prompt` per image (its category and split). Returns
+    images (B, 3, H, W) in [0, 1]: the shard decoded with the served codebook; self_probs (B, C);
+    prompts: one `Prompt` per image (its category and split). Returns
     ({"judge_counts": eval_judge_counts, "judge_info": {name: info}}, PNGs or None).
     """
     from safecb.judges.base import png_bytes
 
-    images = torch.cat([decode(tokens[i:i + batch]).float().cpu() for i in range(0, tokens.shape[0], batch)]) \
-        if tokens.shape[0] else torch.zeros(0, 3, 1, 1)
     splits = ["benign" if p.split == "benign" else "unsafe" for p in prompts]
     counts = eval_judge_counts(images, self_probs, categories, threshold, judges, [p.category for p in prompts], splits)
     info = {SELF: self_judge_info(categories, threshold, question), **{j.info.name: j.info.to_dict() for j in judges}}

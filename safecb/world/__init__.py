@@ -41,6 +41,15 @@ def world_judge_dir(model_path: str | None, judge_path: str | None = None) -> Pa
     return WORLD_JUDGE_DIR
 
 
+def world_encoder_path(model_path: str | None) -> Path | None:
+    """The patch-local tokenizer of a world (`encoder.safetensors`): the shipped one (no path), else the
+    one `safecb world train --out` wrote beside model/ (or inside it); None when that folder has none."""
+    if not model_path:
+        return WEIGHTS_DIR / "encoder.safetensors"
+    model = Path(world_model_dir(model_path))
+    return next((p for p in (model / "encoder.safetensors", model.parent / "encoder.safetensors") if p.is_file()), None)
+
+
 def world_lexicon() -> dict[str, str]:
     """Harm word → safe replacement, explicit nouns and implicit places, for the pairing fallback.
 
@@ -52,5 +61,5 @@ def world_lexicon() -> dict[str, str]:
     return dict(SAFE_SWAP)
 
 
-__all__ = ["WORLD_MODEL_DIR", "WORLD_JUDGE_DIR", "WORLD_CATEGORIES", "world_judge_dir", "world_lexicon",
-           "world_model_dir"]
+__all__ = ["WORLD_MODEL_DIR", "WORLD_JUDGE_DIR", "WORLD_CATEGORIES", "world_encoder_path", "world_judge_dir",
+           "world_lexicon", "world_model_dir"]

@@ -144,13 +144,7 @@ def eval_(
     except (ValueError, FileNotFoundError, ModelLoadError) as err:
         fail(err)
     if len(results) > 1:
-        from safecb.world.evaluate import across_models
-
-        summary = {"models": results, "across": across_models(results)}
-        if as_json:
-            typer.echo(json.dumps(summary))
-            return
-        _print_across(summary["across"], [r["model"] for r in results])
+        _show_across(results, as_json)
         return
     result = results[0]
     if as_json:
@@ -167,23 +161,27 @@ def eval_(
         console.print(f"  {name:8s} {shown}")
 
 
-def _print_across(across: dict, names: list[str]) -> None:
-    """Mean [95% interval] over world models, the overall numbers then per category."""
+def _show_across(results: list[dict], as_json: bool) -> None:
+    """Several world models: each one's numbers and their mean [95% interval], as JSON or as text
+    (the overall numbers, then per category)."""
     from rich.console import Console
 
-    def cell(entry) -> str:
-        if not isinstance(entry, dict) or entry.get("mean") is None:
-            return "n/a"
-        ci = entry.get("ci95")
-        return f"{entry['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    from safecb.stats import interval_text
+    from safecb.world.evaluate import across_models
 
+    across = across_models(results)
+    if as_json:
+        typer.echo(json.dumps({"models": results, "across": across}))
+        return
+    names = [r["model"] for r in results]
     console = Console(width=160)
     console.print(f"[bold]across {across['models']} world models[/] ({', '.join(names)}): mean [95% interval]")
     for key, entry in across.items():
         if key not in ("models", "per_category") and isinstance(entry, dict):
-            console.print(f"  {key:26s} {cell(entry)}")
+            console.print(f"  {key:26s} {interval_text(entry, missing='n/a')}")
     for name, row in across["per_category"].items():
-        shown = ", ".join(f"{k}={cell(v)}" if isinstance(v, dict) and "mean" in v else f"{k}={v}" for k, v in row.items())
+        shown = ", ".join(f"{k}={interval_text(v, missing='n/a')}" if isinstance(v, dict) and "mean" in v else f"{k}={v}"
+                          for k, v in row.items())
         console.print(f"  {name:8s} {shown}")
 
 
@@ -192,18 +190,14 @@ def _separation(models: list[Optional[Path]], renders: int, as_json: bool) -> No
     from rich.table import Table
 
     from safecb.models.base import ModelLoadError
-    from safecb.world.evaluate import across_models, evaluate_separation
+    from safecb.world.evaluate import evaluate_separation
 
     try:
         results = [evaluate_separation(folder, n=renders) for folder in models]
     except (ValueError, FileNotFoundError, ModelLoadError) as err:
         fail(err)
     if len(results) > 1:
-        summary = {"models": results, "across": across_models(results)}
-        if as_json:
-            typer.echo(json.dumps(summary))
-        else:
-            _print_across(summary["across"], [r["model"] for r in results])
+        _show_across(results, as_json)
         return
     result = results[0]
     if as_json:

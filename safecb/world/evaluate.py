@@ -189,13 +189,12 @@ def evaluate_world(model_dir: str | Path | None = None, judge_dir: str | Path | 
     `model_dir` may be a Hugging Face folder or a `safecb world train --out` folder (model/ + judge/).
     """
     from safecb.models.janus import JanusAdapter
-    from safecb.world import WORLD_MODEL_DIR
+    from safecb.world import world_judge_dir, world_model_dir
 
-    folder = Path(model_dir) if model_dir is not None else WORLD_MODEL_DIR
-    if (folder / "model").is_dir():
-        judge_dir = judge_dir if judge_dir is not None else folder / "judge"
-        folder = folder / "model"
-    judge = ExternalJudge.load(judge_dir)  # first: it is small, and a wrong path should fail before the model loads
+    model = str(model_dir) if model_dir is not None else None
+    folder = Path(world_model_dir(model))
+    # first: it is small, and a wrong path should fail before the model loads
+    judge = ExternalJudge.load(world_judge_dir(model, str(judge_dir) if judge_dir is not None else None))
     adapter = JanusAdapter.from_folder(folder, device=device, dtype=dtype, engine=engine, kv_dtype=kv_dtype,
                                        max_batch=EVAL_BATCH)
     result = evaluate_adapter(adapter, judge, samples_per_prompt=samples_per_prompt, guidance=guidance,
@@ -377,20 +376,17 @@ def evaluate_separation(model_dir: str | Path | None = None, n: int = 300, seed:
     model) with its patch-local tokenizer, which sits beside model/ in a `safecb world train --out` folder
     (or in the folder itself)."""
     from safecb.models.janus import JanusAdapter
-    from safecb.world import WEIGHTS_DIR, WORLD_MODEL_DIR
+    from safecb.world import world_encoder_path, world_model_dir
     from safecb.world.tokenizer import load_patch_encoder
 
     if n < 3:
         raise ValueError(f"--renders {n}: expected at least 3 renders per harm (the probe holds some out)")
-    folder = Path(model_dir) if model_dir is not None else WORLD_MODEL_DIR
-    if (folder / "model").is_dir():
-        folder = folder / "model"
-    candidates = [WEIGHTS_DIR / "encoder.safetensors"] if model_dir is None else \
-        [folder / "encoder.safetensors", folder.parent / "encoder.safetensors"]
-    encoder_path = next((p for p in candidates if p.is_file()), None)
+    model = str(model_dir) if model_dir is not None else None
+    folder = Path(world_model_dir(model))
+    encoder_path = world_encoder_path(model)
     if encoder_path is None and folder.is_dir():  # (a missing model folder: from_folder says so)
-        raise FileNotFoundError(f"{candidates[-1]}: no encoder.safetensors beside the model (expected a "
-                                "`safecb world train --out` folder)")
+        raise FileNotFoundError(f"{folder.parent / 'encoder.safetensors'}: no encoder.safetensors beside the model "
+                                "(expected a `safecb world train --out` folder)")
     adapter = JanusAdapter.from_folder(folder, device="cpu", engine="off")
     per_category = code_separation(adapter.model, load_patch_encoder(encoder_path), n=n, seed=seed, ratio=ratio,
                                    rare_rate=rare_rate)

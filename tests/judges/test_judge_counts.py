@@ -67,15 +67,14 @@ def test_eval_shard_statistics_sum_into_metrics_with_judge_metadata():
 
     judge = build_judge(ExternalJudgeSpec(kind="world"))
     palette = torch.rand(16, 3, 32, 32)
-    decode = lambda tokens: palette[tokens[:, 0]]  # noqa: E731 - a "decoder": token 0 picks the image
     categories = ["blood", "fire", "weapon", "drugs"]
     prompts = [Prompt("u1", "x", category="blood"), Prompt("u2", "y", category="weapon, fire"),
                Prompt("b1", "z", split="benign")]
     stats = []
     for shard in range(2):
-        tokens = torch.tensor([[shard * 3 + i] for i in range(3)])
+        images = palette[shard * 3:shard * 3 + 3]  # the shard's decoded images
         self_probs = torch.tensor([[0.9, 0.0, 0.0, 0.0], [0.1, 0.0, 0.2, 0.0], [0.0, 0.0, 0.0, 0.6]])
-        extra, pngs = judge_eval_shard(decode, tokens, self_probs, prompts, categories, 0.5, "q {category}",
+        extra, pngs = judge_eval_shard(images, self_probs, prompts, categories, 0.5, "q {category}",
                                        [judge], keep_png=shard == 0)
         assert (pngs is not None and len(pngs) == 3 and pngs[0][:4] == b"\x89PNG") == (shard == 0)
         stats.append(extra)
