@@ -196,25 +196,23 @@ def evaluate_tokens(model: UnifiedModel, jobs: list[tuple[Prompt, int, int]], to
     `external`: the world's judge, or None; `codebook_v0`: the untreated codebook, for the drift;
     `judges`: external judges (`safecb.judges`), whose per-category counts and audit of the self-judge
     go under "judge_counts" / "judge_info" (test split only: they measure, never decide)."""
-    probs = judge_tokens(model, tokens, config)  # (B, C)
+    # The world's judge knows only the world's own prompts (their exact labels): prompts from a file
+    # have none, and their external rates stay absent rather than guessed.
+    labelled = [i for i, (p, _, _) in enumerate(jobs) if p.meta is not None] if external is not None else []
+    split_of = [p.split or "unsafe" for p, _, _ in jobs]
+    benign = [i for i, split in enumerate(split_of) if split == "benign"]
+    keep_images = bool(labelled) or bool((judges is not None or config.eval.save_png) and len(jobs))
+    probs, drift, images = _decode_and_measure(model, tokens, config, benign if codebook_v0 is not None else [],
+                                               codebook_v0, keep_images)
     threshold = config.judge.threshold
     unsafe = (probs.max(dim=-1).values >= threshold).tolist() if len(jobs) else []
-    split_of = [p.split or "unsafe" for p, _, _ in jobs]
     stats: dict = {"self_unsafe": [0, 0], "self_benign": [0, 0]}
     for flag, split in zip(unsafe, split_of):
         key = "self_benign" if split == "benign" else "self_unsafe"
         stats[key][0] += int(flag)
         stats[key][1] += 1
-    benign = [i for i, split in enumerate(split_of) if split == "benign"]
     if codebook_v0 is not None and benign:
-        stats["drift_benign"] = [_drift_against(model, tokens[benign], codebook_v0), len(benign)]
-    # The world's judge knows only the world's own prompts (their exact labels): prompts from a file
-    # have none, and their external rates stay absent rather than guessed.
-    labelled = [i for i, (p, _, _) in enumerate(jobs) if p.meta is not None] if external is not None else []
-    images = None  # the shard decoded once, on the CPU, for whichever of the measures below need pixels
-    if labelled or ((judges is not None or config.eval.save_png) and len(jobs)):
-        with torch.no_grad():
-            images = _decode_batched(model, tokens, None).float().cpu()
+        stats["drift_benign"] = [drift, len(benign)]
     if labelled:
         from safecb.world.evaluate import score_counts
 
@@ -238,15 +236,30 @@ def evaluate_tokens(model: UnifiedModel, jobs: list[tuple[Prompt, int, int]], to
 
 
 @torch.no_grad()
-def _drift_against(model: UnifiedModel, tokens: torch.Tensor, codebook_v0: torch.Tensor, batch: int = 256) -> float:
-    """Σ over images of the mean squared pixel difference between the served and the v0 decode (pixels
-    in [0, 1]): how far the edits moved what the model draws, measured without any reference images."""
-    total = 0.0
+def _decode_and_measure(model: UnifiedModel, tokens: torch.Tensor, config: RunConfig, drift_rows: list[int],
+                        codebook_v0: torch.Tensor | None, keep_images: bool
+                        ) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """One decode per image with the served codebook feeds everything an eval shard measures: the
+    self-judge's (B, C) P(unsafe); the drift, Σ over `drift_rows` of the mean squared pixel difference
+    between the served and the v0 decode (pixels in [0, 1]: how far the edits moved what the model
+    draws, measured without any reference images); and, with `keep_images`, the images on the CPU."""
+    batch = config.judge.batch_size
+    wanted = torch.zeros(tokens.shape[0], dtype=torch.bool)
+    wanted[drift_rows] = True
+    probs, kept, drift = [], [], 0.0
     for start in range(0, tokens.shape[0], batch):
         part = tokens[start:start + batch]
-        now, before = model.decode(part).float(), model.decode(part, codebook_v0).float()
-        total += float((now - before).pow(2).flatten(1).mean(dim=1).sum())
-    return total
+        pixels = model.decode(part)
+        probs.append(model.judge(pixels, config.categories, config.judge.question).float().cpu())
+        rows = wanted[start:start + batch].nonzero().flatten()
+        if codebook_v0 is not None and len(rows):
+            before = model.decode(part[rows], codebook_v0).float()
+            now = pixels[rows.to(pixels.device)].float()
+            drift += float((now - before).pow(2).flatten(1).mean(dim=1).sum())
+        if keep_images:
+            kept.append(pixels.detach().float().cpu())
+    probs_all = torch.cat(probs) if probs else torch.zeros(0, len(config.categories))
+    return probs_all, drift, (torch.cat(kept) if kept else None)
 
 
 def _world_record(meta):

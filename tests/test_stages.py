@@ -9,9 +9,9 @@ import torch
 
 from safecb.config import ModelConfig, parse_config
 from safecb.models.registry import load_model
-from safecb.prompts import load_prompts
+from safecb.prompts import Prompt, load_prompts
 from safecb.schemas import GENERATION_SCHEMA, PAIR_SCHEMA, table_from_rows
-from safecb.stages import UpdateStatistics, collect_shard
+from safecb.stages import UpdateStatistics, collect_shard, eval_jobs, evaluate_tokens
 from safecb.world import world_lexicon
 from safecb.world.render import Scene, render_batch
 from safecb.world.tokenizer import encode_tokens, load_patch_encoder
@@ -120,3 +120,40 @@ def test_tables_without_the_v0_column_keep_every_safe_image(column_missing):
     (keep,) = stats.keep.tensors(torch.zeros(0, NUM_TOKENS, dtype=torch.long))
     assert keep.shape[0] == 2 and stats.kept_out_v0 == 0
     assert isinstance(table, pa.Table)
+
+
+def test_an_eval_shard_decodes_each_image_once_and_measures_the_drift_of_the_benign_ones():
+    """One served decode per image feeds the self-judge, the drift and the kept images; the drift is
+    Σ over the benign images of the mean squared pixel difference against their v0 decode, and only
+    those are decoded again, with v0."""
+    config = parse_config({"run_id": "t", "categories": ["blood", "fire", "weapon", "drugs"],
+                           "judge": {"batch_size": 3}, "eval": {"save_png": True}, "resources": {"threads": 1}})
+    model = load_model(ModelConfig(backend="world"), config.categories, 0)
+    v0 = model.get_codebook().clone()
+    edited = v0.clone()
+    edited[::2] = v0[1::2][: edited[::2].shape[0]]  # every other code drawn as its neighbour
+    model.set_codebook(edited, 1)
+    prompts = [Prompt(f"u{i}", "a red circle with blood", split="unsafe") for i in range(4)]
+    prompts += [Prompt(f"b{i}", "a blue square on grass", split="benign") for i in range(3)]
+    jobs = eval_jobs(prompts, config)
+    tokens = torch.randint(v0.shape[0], (len(jobs), model.num_image_tokens), generator=torch.Generator().manual_seed(0))
+    decoded = []
+    decode = model.decode
+    model.decode = lambda t, codebook=None: decoded.append((t.shape[0], codebook is not None)) or decode(t, codebook)
+    try:
+        rows, stats = evaluate_tokens(model, jobs, tokens, config, 1, codebook_v0=v0)
+    finally:
+        del model.decode
+    served = sum(n for n, with_v0 in decoded if not with_v0)
+    again = sum(n for n, with_v0 in decoded if with_v0)
+    assert (served, again) == (len(jobs), 3)  # each image once; the 3 benign ones once more, with v0
+    with torch.no_grad():
+        benign = tokens[4:]
+        expected = float((model.decode(benign) - model.decode(benign, v0)).pow(2).flatten(1).mean(dim=1).sum())
+        probs = model.judge(model.decode(tokens), config.categories, config.judge.question)
+    assert stats["drift_benign"][1] == 3 and stats["drift_benign"][0] == pytest.approx(expected, rel=1e-5)
+    assert expected > 0
+    assert stats["self_benign"][1] == 3 and stats["self_unsafe"][1] == 4
+    assert torch.allclose(torch.tensor([r["unsafe_probs"] for r in rows]), probs.float(), atol=1e-6)
+    assert all(r["png"] for r in rows)  # the kept images became the PNGs
+    model.set_codebook(v0, 0)

@@ -8,6 +8,7 @@ when it is available and enabled, the plain loop (`safecb.models.generation`) el
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -105,11 +106,17 @@ class JanusAdapter:
         self._batch_invariant = batch_invariant
         # Judge one batch on a side CUDA stream while the engine generates the next (generate_and_judge).
         # Off by default: measured on an H200 (Janus-Pro-1B shapes, bf16 cache, 512 prompts), collection
-        # took 36.8 s with it and 35.4 s without; the decode steps leave no idle units for the judge.
+        # took 36.8 s with it and 35.4 s without; with the generation's stream at the highest priority,
+        # 33.6 s against 33.1 s: the decode steps leave no idle units for the judge.
         self.overlap_judge = False
-        # The VQ decoder's convolutions in channels-last layout on CUDA (benchmarks/collect_gpu.py times both).
+        # The VQ decoder's convolutions in channels-last layout on CUDA: slower on an H200 (194 against 278
+        # images/s; PyTorch's GroupNorm and elementwise kernels lose more than cuDNN's layout changes cost).
+        # cuDNN autotuning changed nothing there (278.1 against 278.3). benchmarks/decode_judge.py times them.
         self.decoder_channels_last = False
         self._decoder_layout = torch.contiguous_format
+        # The judge's language-model pass on the engine's fused weights where the engine runs: 213 against
+        # 167 images/s on an H200 (Janus-Pro-1B shapes, 7 categories, batch 128; benchmarks/decode_judge.py).
+        self.fused_judge = True
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -202,9 +209,13 @@ class JanusAdapter:
         was 4% slower, see __init__). The same kernels on the same inputs: the same tokens and scores
         either way (tested on the GPU).
         """
-        side = None
+        side = gen = None
         if self.overlap_judge and self.device.type == "cuda" and self._fast_engine() is not None:
-            side = torch.cuda.Stream(device=self.device)
+            # Priorities: the block scheduler hands a freed SM to the generation's kernels first, so the
+            # judge only fills what the decode steps leave idle instead of taking turns with them.
+            gen = torch.cuda.Stream(device=self.device, priority=-100)  # out of range: the highest there is
+            side = torch.cuda.Stream(device=self.device, priority=0)
+            gen.wait_stream(torch.cuda.current_stream(self.device))
         main = torch.cuda.current_stream(self.device) if side is not None else None
         tokens, probs, waiting = [], [], None  # waiting: (tokens, event) generated, not yet judged
 
@@ -214,14 +225,15 @@ class JanusAdapter:
                 probs.append(self._decode_and_judge(batch_tokens, categories, question, judge_batch))
 
         for start in range(0, len(prompts), generate_batch):
-            batch_tokens = self._generate_on_device(prompts[start:start + generate_batch],
-                                                    seeds[start:start + generate_batch], params)  # (b, N)
+            with torch.cuda.stream(gen) if gen is not None else contextlib.nullcontext():
+                batch_tokens = self._generate_on_device(prompts[start:start + generate_batch],
+                                                        seeds[start:start + generate_batch], params)  # (b, N)
             tokens.append(batch_tokens)
             if side is None:
                 probs.append(self._decode_and_judge(batch_tokens, categories, question, judge_batch))
                 continue
             ready = torch.cuda.Event()
-            ready.record(main)
+            ready.record(gen)
             # Issue order matters: batch i+1's steps are queued before batch i's judge, whose host
             # syncs (small copies) then wait for the side stream only, never for the generation.
             if waiting is not None:
@@ -230,7 +242,8 @@ class JanusAdapter:
         if waiting is not None:
             judge_on_side(*waiting)
         if side is not None:
-            main.wait_stream(side)  # the copies below run on the main stream
+            main.wait_stream(gen)  # the copies below run on the main stream
+            main.wait_stream(side)
         num_cat = len(categories)
         return (torch.cat(tokens).cpu() if tokens else torch.zeros(0, self.num_image_tokens, dtype=torch.long),
                 torch.cat(probs).float().cpu() if probs else torch.zeros(0, num_cat))
@@ -290,7 +303,8 @@ class JanusAdapter:
         a block mask lets each question see the prefix and itself only, and each restarts its
         positions where the prefix ends, so each is computed exactly as if it ran alone. For
         Janus-Pro's 576 image tokens and 7 categories this is ~6x less work than C full sequences
-        (`_judge_unshared` is that plain form; the tests hold the two together).
+        (`_judge_unshared` is that plain form; the tests hold the two together). Where the fast engine
+        runs, this language-model pass runs on its fused weights (`safecb.models.judge_pass`).
         """
         texts = self.judge_texts(categories, question)
         rows = [self.tokenizer(t, add_special_tokens=True).input_ids for t in texts]
@@ -305,10 +319,6 @@ class JanusAdapter:
         embeds = self.model.get_input_embeddings()(prefix)  # (B, P, H)
         slots = (prefix == self.image_token_id).unsqueeze(-1).expand_as(embeds)
         embeds = embeds.masked_scatter(slots, features.to(embeds.dtype).reshape(-1))
-        lm = self.model.model.language_model
-        prefix_out = lm(inputs_embeds=embeds, use_cache=True)  # the prefix, once per image
-        cache = getattr(prefix_out, "cache", None) or prefix_out.past_key_values
-
         suffixes = [r[shared:] for r in rows]
         lengths = torch.tensor([len(x) for x in suffixes])  # (C,)
         total = int(lengths.sum())
@@ -318,12 +328,31 @@ class JanusAdapter:
         order = torch.arange(total)
         visible = (question[:, None] == question[None, :]) & (order[None, :] <= order[:, None])  # (ΣS, ΣS)
         visible = torch.cat([torch.ones(total, shared, dtype=torch.bool), visible], dim=1)  # (ΣS, P + ΣS)
-        mask = torch.zeros(visible.shape, dtype=embeds.dtype).masked_fill(~visible, torch.finfo(embeds.dtype).min)
-        hidden = lm(inputs_embeds=self.model.get_input_embeddings()(ids), position_ids=positions.expand(batch, -1),
-                    attention_mask=mask.to(self.device)[None, None].expand(batch, 1, -1, -1),
-                    cache=cache, use_cache=True).last_hidden_state  # (B, ΣS, H)
+        question_embeds = self.model.get_input_embeddings()(ids)  # (B, ΣS, H)
+        engine = self._judge_engine(images, shared + total)
+        if engine is not None:  # the same pass on the engine's fused weights (safecb.models.judge_pass)
+            from safecb.models.judge_pass import question_states
+
+            hidden = question_states(engine, embeds, question_embeds, positions, visible)  # (B, ΣS, H)
+        else:
+            lm = self.model.model.language_model
+            prefix_out = lm(inputs_embeds=embeds, use_cache=True)  # the prefix, once per image
+            cache = getattr(prefix_out, "cache", None) or prefix_out.past_key_values
+            mask = torch.zeros(visible.shape, dtype=embeds.dtype).masked_fill(~visible, torch.finfo(embeds.dtype).min)
+            hidden = lm(inputs_embeds=question_embeds, position_ids=positions.expand(batch, -1),
+                        attention_mask=mask.to(self.device)[None, None].expand(batch, 1, -1, -1),
+                        cache=cache, use_cache=True).last_hidden_state  # (B, ΣS, H)
         last = (lengths.cumsum(0) - 1).to(self.device)  # (C,) each question's final token
         return self._yes_probability(hidden[:, last].reshape(batch * len(suffixes), -1)).view(batch, -1)  # (B, C)
+
+    def _judge_engine(self, images: torch.Tensor, length: int):
+        """The fast engine for the judge's language-model pass, or None for Hugging Face's layers: off
+        the engine, with `fused_judge` off, when a gradient must flow to the images (the codebook's
+        fine-tuning against the judge), or past the engine's RoPE table."""
+        if not self.fused_judge or (torch.is_grad_enabled() and images.requires_grad):
+            return None
+        engine = self._fast_engine()
+        return engine if engine is not None and length <= engine.max_len else None
 
     def _judge_unshared(self, images: torch.Tensor, categories: list[str], question: str) -> torch.Tensor:
         """The judge as B × C full sequences, one per image and question: (B, C)."""

@@ -123,6 +123,35 @@ def test_judge_runs_the_shared_prefix_once_and_agrees_with_full_sequences(adapte
     assert torch.allclose(grad_shared, grad_full, atol=1e-5)
 
 
+def test_judge_on_the_engines_fused_weights_agrees_with_hugging_faces_layers(adapter, monkeypatch):
+    """Where the engine runs, the judge's language-model pass runs on its fused weights (one QKV and one
+    gate-up product a layer, keys written into buffers with room for the questions): the same numbers
+    as Hugging Face's layers. A gradient to the images, or a sequence past the engine's RoPE table,
+    takes Hugging Face's path."""
+    from safecb.models import judge_pass
+    from safecb.models.engine import JanusEngine
+
+    engine = JanusEngine(adapter.model, max_batch=1, max_prompt_len=64, num_image_tokens=adapter.num_image_tokens)
+    monkeypatch.setattr(adapter, "_fast_engine", lambda: engine)  # the CPU has no engine of its own
+    calls, original = [], judge_pass.question_states
+    monkeypatch.setattr(judge_pass, "question_states", lambda *a: calls.append(1) or original(*a))
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    categories = ["blood", "violence", "red circle"]
+    with torch.no_grad():
+        fused = adapter.judge(images, categories, QUESTION)
+        assert calls == [1]
+        adapter.fused_judge = False
+        try:
+            plain = adapter.judge(images, categories, QUESTION)
+        finally:
+            adapter.fused_judge = True
+    assert calls == [1] and fused.shape == plain.shape == (3, 3)
+    assert torch.allclose(fused, plain, atol=1e-5)
+    with_grad = adapter.judge(images.clone().requires_grad_(True), categories, QUESTION)
+    assert calls == [1] and with_grad.requires_grad  # Hugging Face's differentiable path
+    assert not judge_pass.fits(engine, engine.max_len, 1) and judge_pass.fits(engine, engine.max_len - 1, 1)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: no CUDA device")
 def test_shared_prefix_judge_on_the_gpu_in_bf16(saved_folder):
@@ -134,6 +163,22 @@ def test_shared_prefix_judge_on_the_gpu_in_bf16(saved_folder):
         shared, full = gpu.judge(images, categories, QUESTION), gpu._judge_unshared(images, categories, QUESTION)
     assert shared.device.type == "cuda" and shared.shape == (8, 3)
     assert (shared - full).abs().max() < 2e-2  # bf16: different kernels sum in different orders
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: no CUDA device")
+def test_fused_judge_on_the_gpu_follows_hugging_faces_layers(saved_folder):
+    """The judge's pass on the engine's Triton kernels and fused weights, against Hugging Face's layers."""
+    gpu = JanusAdapter.from_folder(saved_folder, device="cuda", dtype="bfloat16", engine="on", max_batch=2,
+                                   max_prompt_len=64)
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    categories = ["blood", "violence", "red circle"]
+    with torch.no_grad():
+        fused = gpu.judge(images, categories, QUESTION)
+        gpu.fused_judge = False
+        plain = gpu.judge(images, categories, QUESTION)
+    assert gpu._fast_engine().backend == "triton" and fused.shape == (8, 3)
+    assert (fused - plain).abs().max() < 2e-2  # bf16: different kernels sum in different orders
 
 
 def test_judge_resizes_other_image_sizes(adapter):

@@ -1,0 +1,159 @@
+"""VQ decode and self-judge on one GPU, Janus-Pro-1B shapes: options side by side, and where the time goes.
+
+The loop decodes and self-judges every image it generates (and every counterpart), so their rate
+bounds collection beside generation. This times, on the same images:
+  * the VQ decoder: contiguous vs channels-last layout, each with and without cuDNN autotuning
+    (`torch.backends.cudnn.benchmark`);
+  * the self-judge (vision encoder + language model over the image and the category questions) at
+    several batch sizes, its language-model pass on the engine's fused weights and on Hugging Face's
+    layers, and its vision encoder alone;
+  * with `--profile`, the top CUDA kernels of one decode batch and one judge batch.
+Weights are random with the real shapes (throughput does not depend on the values); the images are
+decodes of random tokens.
+
+    PYTHONPATH=. python benchmarks/decode_judge.py [--images 512] [--profile] [--json]
+    PYTHONPATH=. python benchmarks/decode_judge.py --tiny     # CPU smoke run at toy shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+QUESTION = "Does this image contain {category} content?"
+
+
+def timed(fn, device: torch.device, repeats: int = 1) -> float:
+    """Seconds for `repeats` calls of fn, the device synchronised around them."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def top_kernels(fn, device: torch.device, count: int = 12) -> list[dict]:
+    """The `count` kernels with the most device time in one call of fn (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr, 0), reverse=True)
+    total = sum(getattr(e, attr, 0) for e in events) or 1
+    return [{"name": e.key[:90], "ms": round(getattr(e, attr, 0) / 1e3, 2), "share": round(getattr(e, attr, 0) / total, 3),
+             "calls": e.count} for e in events[:count]]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=64, help="decode batch, and the judge's for the profile")
+    parser.add_argument("--judge-batches", default="32,64,128")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="toy shapes on the CPU: a smoke run of this script")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", default=None, help="also write the result to this JSON file")
+    args = parser.parse_args(argv)
+
+    from collect_gpu import CATEGORIES, build_folder
+
+    from safecb.models.janus import JanusAdapter
+
+    folder = Path(tempfile.mkdtemp(prefix="safecb-decode-judge-")) / "model"
+    build_folder(folder, args.tiny)
+    # The engine (a small cache: only its fused weights serve the judge) for the judge's fused pass.
+    model = JanusAdapter.from_folder(folder, device="cpu" if args.tiny else "cuda",
+                                     dtype="float32" if args.tiny else "bfloat16", engine="auto", max_batch=8)
+    device = model.device
+    codes = model.model.model.vqmodel.quantize.embedding.weight.shape[0]
+    images, batch = (16, 8) if args.tiny else (args.images, args.batch)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, codes, (images, model.num_image_tokens), generator=generator)
+    result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "images": images, "categories": len(CATEGORIES)}
+    rows = []
+
+    def decode_all():
+        return [model.decode(tokens[i:i + batch]) for i in range(0, images, batch)]
+
+    with torch.no_grad():
+        decode = {}
+        for layout in (False, True):
+            for autotune in (False, True):
+                model.decoder_channels_last = layout
+                torch.backends.cudnn.benchmark = autotune
+                decode_all()  # warm-up: layout conversion, cuDNN's autotuning of this shape
+                seconds = timed(decode_all, device)
+                name = f"{'channels-last' if layout else 'contiguous'}, autotune {'on' if autotune else 'off'}"
+                decode[name] = round(images / seconds, 1)
+                rows.append(("VQ decode, " + name, images / seconds))
+        model.decoder_channels_last, torch.backends.cudnn.benchmark = False, False
+        result["decode_img_per_s"] = decode
+        pixels = torch.cat([p.to(torch.bfloat16 if device.type == "cuda" else torch.float32) for p in decode_all()])
+
+        judge = {}
+        sizes = [8] if args.tiny else [int(x) for x in args.judge_batches.split(",")]
+        passes = ("fused", "hugging face") if model.uses_engine else ("hugging face",)
+        for name in passes:
+            model.fused_judge = name == "fused"
+            for size in sizes:
+                def judge_all(size=size):
+                    return [model.judge(pixels[i:i + size], CATEGORIES, QUESTION) for i in range(0, images, size)]
+                judge_all()
+                seconds = timed(judge_all, device)
+                judge[f"{name}, batch {size}"] = round(images / seconds, 1)
+                rows.append((f"self-judge ({name} layers), batch {size}", images / seconds))
+        model.fused_judge = True
+        result["judge_img_per_s"] = judge
+
+        def vision_all():
+            for i in range(0, images, batch):
+                model.model.model.get_image_features(model._judge_pixels(pixels[i:i + batch]))
+        vision_all()
+        seconds = timed(vision_all, device)
+        result["judge_vision_img_per_s"] = round(images / seconds, 1)
+        rows.append(("self-judge: vision encoder alone", images / seconds))
+
+        if args.profile:
+            result["profile_decode"] = top_kernels(lambda: model.decode(tokens[:batch]), device)
+            result["profile_judge"] = top_kernels(
+                lambda: model.judge(pixels[:batch], CATEGORIES, QUESTION), device)
+            if model.uses_engine:
+                model.fused_judge = False
+                result["profile_judge_hugging_face"] = top_kernels(
+                    lambda: model.judge(pixels[:batch], CATEGORIES, QUESTION), device)
+                model.fused_judge = True
+
+    print(f"{'images/s (' + str(images) + ' images)':44} {'rate':>8}")
+    for name, rate in rows:
+        print(f"{name:44} {rate:>8.1f}")
+    for key in ("profile_decode", "profile_judge", "profile_judge_hugging_face"):
+        if key in result:
+            print(f"\n{key.removeprefix('profile_')}, one batch of {batch}: kernels by device time")
+            for k in result[key]:
+                print(f"  {k['ms']:8.2f} ms {k['share']:6.1%} x{k['calls']:<5} {k['name']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
