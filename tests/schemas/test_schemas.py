@@ -86,6 +86,19 @@ def test_table_from_rows_rejects_bad_type():
         table_from_rows(GENERATION_SCHEMA, [gen_row(sample_index="zero")])
 
 
+def test_token_grids_build_the_same_column_as_arrow_and_bad_ones_are_still_refused():
+    """Equal-length int grids take a NumPy path: the same column as `pa.array`; ragged grids are still
+    stored; floats, out-of-range ints and nulls are refused naming the field, as before."""
+    grids = [[i * 7 + j for j in range(5)] for i in range(4)]
+    fast = table_from_rows(GENERATION_SCHEMA, [gen_row(i, tokens=g) for i, g in enumerate(grids)]).column("tokens")
+    assert fast.combine_chunks().equals(pa.array(grids, type=pa.list_(pa.int32())))
+    ragged = table_from_rows(GENERATION_SCHEMA, [gen_row(0, tokens=[1, 2]), gen_row(1, tokens=[3])])
+    assert ragged.column("tokens").to_pylist() == [[1, 2], [3]]
+    for bad in ([1.5, 2.0], [2 ** 40, 1], None):
+        with pytest.raises(ValueError, match="tokens"):
+            table_from_rows(GENERATION_SCHEMA, [gen_row(0, tokens=[1, 2]), gen_row(1, tokens=bad)])
+
+
 def test_manifest_json_round_trip_sorts_shards():
     m = manifest()
     assert [r.index for r in m.shards["generations"]] == [1, 5]
