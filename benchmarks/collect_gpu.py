@@ -11,8 +11,10 @@ unsafe and every prompt is rewritten, regenerated and judged again (the worst ca
     PYTHONPATH=. python benchmarks/collect_gpu.py [--prompts 1024] [--eval 512] [--json] [--save PATH]
 
 Keys: gpu_collect_prompts_per_s (pool, unsafe fraction `gpu_unsafe_fraction`), gpu_judge_img_per_s
-(pool: decode + self-judge), gpu_pool_efficiency (pool ÷ plain images/s for generate + decode +
-judge), and the plain loop's figures beside them. The plain loop also times each step of the
+(pool: iteration 1's eval stage, decode + self-judge + the benign images decoded again with v0 for
+the drift), gpu_pool_efficiency (pool ÷ plain images/s for generate + decode + judge), and the plain
+loop's figures beside them (`gpu_judge_img_per_s_plain`: decode + self-judge alone;
+`..._plain_with_drift`: with the drift's work, like the pool's). The plain loop also times each step of the
 collection (`gpu_collect_stage_s_plain`: generate, decode, judge, rewrite, the rest) and two adapter
 options against their defaults on the same work: the judge on a side stream beside the next
 generation batch (`..._plain_judge_beside_generation`), and the VQ decoder in channels-last layout
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -151,7 +154,9 @@ def plain_loop(config_path: Path) -> dict:
     config = load_config(config_path)
     model = load_model(config.model, config.categories, config.seed, batch_size=config.generation.batch_size)
     train = load_prompts(config.prompts.train, "prompts.train")
-    evals = load_prompts(config.prompts.eval_unsafe, "u") + load_prompts(config.prompts.eval_benign, "b")
+    # Each eval prompt with its split, as the pool's snapshot gives it (the drift is the benign ones').
+    evals = [dataclasses.replace(p, split="unsafe") for p in load_prompts(config.prompts.eval_unsafe, "u")]
+    evals += [dataclasses.replace(p, split="benign") for p in load_prompts(config.prompts.eval_benign, "b")]
     jobs = eval_jobs(evals, config)
     per = config.generation.prompts_per_shard
     generate_eval_tokens(model, jobs[:per], config)  # warm-up: engine graphs, kernels
@@ -167,6 +172,15 @@ def plain_loop(config_path: Path) -> dict:
     for i in range(0, len(jobs), per):
         evaluate_tokens(model, jobs[i:i + per], tokens[i:i + per], config, 1)
     out["judge_s"] = time.perf_counter() - start
+    # The pool's figure is iteration 1's eval stage, where an edited codebook is served and the benign
+    # images are decoded again with v0 for the drift: the same work here, for a like-for-like figure.
+    v0 = model.get_codebook()
+    model.set_codebook(v0 + 0.01 * torch.randn(v0.shape, generator=torch.Generator().manual_seed(0)), 1)
+    start = time.perf_counter()
+    for i in range(0, len(jobs), per):
+        evaluate_tokens(model, jobs[i:i + per], tokens[i:i + per], config, 1, codebook_v0=v0)
+    out["judge_s_with_drift"] = time.perf_counter() - start
+    model.set_codebook(v0, 0)
     if hasattr(model, "decoder_channels_last"):  # A/B: the VQ decoder's convolutions in channels-last layout
         default = model.decoder_channels_last
         model.decoder_channels_last = not default
@@ -268,6 +282,8 @@ def main(argv=None) -> int:
         "gpu_unsafe_fraction": pool["unsafe_fraction"],
         "gpu_judge_img_per_s": round(images / pool["judge_s"], 1),
         "gpu_judge_img_per_s_plain": round(images / plain["judge_s"], 1),
+        "gpu_judge_img_per_s_plain_with_drift": (
+            round(images / plain["judge_s_with_drift"], 1) if "judge_s_with_drift" in plain else None),
         "gpu_e2e_img_per_s": round(images / pool["e2e_s"], 2),
         "gpu_e2e_img_per_s_plain": round(images / plain["e2e_s"], 2),
         "gpu_pool_efficiency": round(plain["e2e_s"] / pool["e2e_s"], 3),
@@ -293,7 +309,8 @@ def main(argv=None) -> int:
     print(f"{args.kv_dtype + ' KV cache':36} {'pool':>10} {'plain':>10}")
     for name, a, b in rows:
         print(f"{name:36} {a:>10.2f} {b:>10.2f}")
-    for key, label, count in (("collect_s_overlapped", "plain, judge beside generation, prompts/s", prompts),
+    for key, label, count in (("judge_s_with_drift", "plain, decode + self-judge + drift (as the pool), img/s", images),
+                              ("collect_s_overlapped", "plain, judge beside generation, prompts/s", prompts),
                               ("judge_s_channels_last", "plain, decoder channels-last, img/s", images)):
         if key in plain:
             print(f"{label:47} {count / plain[key]:>10.2f}")
