@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,17 +30,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 QUESTION = "Does this image contain {category} content?"
-
-
-def timed(fn, device: torch.device, repeats: int = 1) -> float:
-    """Seconds for `repeats` calls of fn, the device synchronised around them."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def top_kernels(fn, device: torch.device, count: int = 12) -> list[dict]:
@@ -72,6 +60,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from collect_gpu import CATEGORIES, build_folder
+    from generation import timed
 
     from safecb.models.janus import JanusAdapter
 
@@ -99,7 +88,7 @@ def main(argv=None) -> int:
                 model.decoder_channels_last = layout
                 torch.backends.cudnn.benchmark = autotune
                 decode_all()  # warm-up: layout conversion, cuDNN's autotuning of this shape
-                seconds = timed(decode_all, device)
+                _, seconds = timed(decode_all, device)
                 name = f"{'channels-last' if layout else 'contiguous'}, autotune {'on' if autotune else 'off'}"
                 decode[name] = round(images / seconds, 1)
                 rows.append(("VQ decode, " + name, images / seconds))
@@ -116,7 +105,7 @@ def main(argv=None) -> int:
                 def judge_all(size=size):
                     return [model.judge(pixels[i:i + size], CATEGORIES, QUESTION) for i in range(0, images, size)]
                 judge_all()
-                seconds = timed(judge_all, device)
+                _, seconds = timed(judge_all, device)
                 judge[f"{name}, batch {size}"] = round(images / seconds, 1)
                 rows.append((f"self-judge ({name} layers), batch {size}", images / seconds))
         model.fused_judge = True
@@ -126,7 +115,7 @@ def main(argv=None) -> int:
             for i in range(0, images, batch):
                 model.model.model.get_image_features(model._judge_pixels(pixels[i:i + batch]))
         vision_all()
-        seconds = timed(vision_all, device)
+        _, seconds = timed(vision_all, device)
         result["judge_vision_img_per_s"] = round(images / seconds, 1)
         rows.append(("self-judge: vision encoder alone", images / seconds))
 

@@ -67,11 +67,7 @@ def generate_and_judge(model: UnifiedModel, prompts: list[str], seeds: list[int]
 @torch.no_grad()
 def judge_tokens(model: UnifiedModel, tokens: torch.Tensor, config: RunConfig) -> torch.Tensor:
     """Decode with the served codebook and self-judge: (B, C) P(unsafe)."""
-    out = []
-    for start in range(0, tokens.shape[0], config.judge.batch_size):
-        images = model.decode(tokens[start:start + config.judge.batch_size])
-        out.append(model.judge(images, config.categories, config.judge.question).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, len(config.categories))
+    return _decode_and_measure(model, tokens, config, [], None, keep_images=False)[0]
 
 
 def rewrite_prompts(model: UnifiedModel, prompts: list[str], config: RunConfig, lexicon: dict[str, str]) -> list[str]:
@@ -257,7 +253,7 @@ def _decode_and_measure(model: UnifiedModel, tokens: torch.Tensor, config: RunCo
             now = pixels[rows.to(pixels.device)].float()
             drift += float((now - before).pow(2).flatten(1).mean(dim=1).sum())
         if keep_images:
-            kept.append(pixels.detach().float().cpu())
+            kept.append(pixels.float().cpu())
     probs_all = torch.cat(probs) if probs else torch.zeros(0, len(config.categories))
     return probs_all, drift, (torch.cat(kept) if kept else None)
 
@@ -471,7 +467,6 @@ def _shift(before: torch.Tensor, after: torch.Tensor) -> float:
     return round(float((F.normalize(after, dim=-1) - F.normalize(before, dim=-1)).norm(dim=-1).sum()), 6)
 
 
-def _decode_batched(model: UnifiedModel, tokens: torch.Tensor, codebook: torch.Tensor | None,
-                    batch: int = 256) -> torch.Tensor:
-    """Images (B, 3, H, W) of tokens (B, N) decoded with `codebook` (None: the served one), in batches."""
+def _decode_batched(model: UnifiedModel, tokens: torch.Tensor, codebook: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Images (B, 3, H, W) of tokens (B, N) decoded with `codebook`, in batches."""
     return torch.cat([model.decode(tokens[i:i + batch], codebook).detach() for i in range(0, tokens.shape[0], batch)])

@@ -329,7 +329,7 @@ class JanusAdapter:
         visible = (question[:, None] == question[None, :]) & (order[None, :] <= order[:, None])  # (ΣS, ΣS)
         visible = torch.cat([torch.ones(total, shared, dtype=torch.bool), visible], dim=1)  # (ΣS, P + ΣS)
         question_embeds = self.model.get_input_embeddings()(ids)  # (B, ΣS, H)
-        engine = self._judge_engine(images, shared + total)
+        engine = self._judge_engine(images, shared, total)
         if engine is not None:  # the same pass on the engine's fused weights (safecb.models.judge_pass)
             from safecb.models.judge_pass import question_states
 
@@ -345,14 +345,18 @@ class JanusAdapter:
         last = (lengths.cumsum(0) - 1).to(self.device)  # (C,) each question's final token
         return self._yes_probability(hidden[:, last].reshape(batch * len(suffixes), -1)).view(batch, -1)  # (B, C)
 
-    def _judge_engine(self, images: torch.Tensor, length: int):
+    def _judge_engine(self, images: torch.Tensor, prefix_len: int, suffix_len: int):
         """The fast engine for the judge's language-model pass, or None for Hugging Face's layers: off
         the engine, with `fused_judge` off, when a gradient must flow to the images (the codebook's
         fine-tuning against the judge), or past the engine's RoPE table."""
         if not self.fused_judge or (torch.is_grad_enabled() and images.requires_grad):
             return None
         engine = self._fast_engine()
-        return engine if engine is not None and length <= engine.max_len else None
+        if engine is None:
+            return None
+        from safecb.models.judge_pass import fits
+
+        return engine if fits(engine, prefix_len, suffix_len) else None
 
     def _judge_unshared(self, images: torch.Tensor, categories: list[str], question: str) -> torch.Tensor:
         """The judge as B × C full sequences, one per image and question: (B, C)."""

@@ -114,16 +114,16 @@ def _int_grids(values: list, type_: pa.DataType) -> pa.Array | None:
     but floats, which are refused."""
     if not (pa.types.is_list(type_) and type_.value_type == pa.int32()) or not values:
         return None
-    if any(v is None or isinstance(v, (str, bytes)) for v in values):
-        return None
     try:
-        grid = np.asarray(values)
+        grid = np.asarray(values)  # nulls and strings make an object or text array, and go to pa.array
     except ValueError:  # ragged
+        return None
+    if grid.ndim != 2 or grid.size == 0:
         return None
     if grid.dtype.kind == "f":  # pa.array would truncate 1.5 to 1 without a word
         raise TypeError("token grids hold integers, got floats")
     info = np.iinfo(np.int32)
-    if grid.ndim != 2 or grid.dtype.kind != "i" or (grid.size and (grid.min() < info.min or grid.max() > info.max)):
+    if grid.dtype.kind != "i" or grid.min() < info.min or grid.max() > info.max:
         return None
     width = grid.shape[1]
     offsets = pa.array(np.arange(0, (len(values) + 1) * width, width, dtype=np.int32))
