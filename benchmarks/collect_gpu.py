@@ -17,8 +17,9 @@ loop's figures beside them (`gpu_judge_img_per_s_plain`: decode + self-judge alo
 `..._plain_with_drift`: with the drift's work, like the pool's). The plain loop also times each step of the
 collection (`gpu_collect_stage_s_plain`: generate, decode, judge, rewrite, the rest) and two adapter
 options against their defaults on the same work: the judge on a side stream beside the next
-generation batch (`..._plain_judge_beside_generation`), and the VQ decoder in channels-last layout
-(`gpu_judge_img_per_s_plain_channels_last`).
+generation batch (`..._plain_judge_beside_generation`), and the VQ decoder in the layout that is not
+the default (`gpu_judge_img_per_s_plain_contiguous` since the fused decoder made channels-last the default).
+The pool's record also holds where each stage's time went on the actor (`gpu_pool_seconds.actor_steps_s`).
 """
 
 from __future__ import annotations
@@ -226,6 +227,8 @@ def pool_run(config_path: Path) -> dict:
     return {"e2e_s": stages[0]["eval"], "judge_s": stages[1]["eval"], "collect_s": stages[1]["collect + pair"],
             "update_s": stages[1].get("update codebook"), "broadcast_s": stages[1].get("broadcast"),
             "start_actors_s": stages[0].get("start actors"), "unsafe_fraction": metrics[1]["collect_unsafe_rate"],
+            # Where the eval and collect stages' time goes on the actor (read, decode + judge + drift, write, ...)
+            "actor_steps_s": metrics[1].get("actor_seconds"),
             "iteration_s": [m["seconds"] for m in metrics]}
 
 
@@ -293,8 +296,9 @@ def main(argv=None) -> int:
         "gpu_collect_prompts_per_s_plain_judge_beside_generation": (
             round(prompts / plain["collect_s_overlapped"], 2) if "collect_s_overlapped" in plain else None),
         "gpu_collect_stage_s_plain": plain.get("collect_stage_s"),
-        "gpu_judge_img_per_s_plain_channels_last": (
-            round(images / plain["judge_s_channels_last"], 1) if "judge_s_channels_last" in plain else None),
+        # The VQ decoder in the layout that is not the default (channels-last is, since the fused decoder)
+        **{f"gpu_judge_img_per_s_plain_{layout}": round(images / plain[f"judge_s_{layout}"], 1)
+           for layout in ("channels_last", "contiguous") if f"judge_s_{layout}" in plain},
         "gpu_settings": {"prompts": prompts, "eval_images": images, "shapes": "Janus-Pro-1B, random weights",
                          "engine": f"{args.kv_dtype} KV cache, batch-invariant", "categories": len(CATEGORIES)},
     }
@@ -311,7 +315,8 @@ def main(argv=None) -> int:
         print(f"{name:36} {a:>10.2f} {b:>10.2f}")
     for key, label, count in (("judge_s_with_drift", "plain, decode + self-judge + drift (as the pool), img/s", images),
                               ("collect_s_overlapped", "plain, judge beside generation, prompts/s", prompts),
-                              ("judge_s_channels_last", "plain, decoder channels-last, img/s", images)):
+                              ("judge_s_channels_last", "plain, decoder channels-last, img/s", images),
+                              ("judge_s_contiguous", "plain, decoder contiguous, img/s", images)):
         if key in plain:
             print(f"{label:47} {count / plain[key]:>10.2f}")
     if "collect_stage_s" in plain:  # the sequential collection, step by step

@@ -2,8 +2,11 @@
 
 The loop decodes and self-judges every image it generates (and every counterpart), so their rate
 bounds collection beside generation. This times, on the same images:
-  * the VQ decoder: contiguous vs channels-last layout, each with and without cuDNN autotuning
-    (`torch.backends.cudnn.benchmark`);
+  * the VQ decoder: the fused GroupNorm + SiLU forward (safecb/models/vq_decoder.py) in channels-last
+    and contiguous layout, against Hugging Face's forward; and how far each bf16 forward draws from the
+    fp32 decode of the same tokens (mean and largest pixel difference). cuDNN autotuning
+    (`torch.backends.cudnn.benchmark`) was timed here before and changed nothing (278.1 against 278.3
+    images/s on an H200);
   * the self-judge (vision encoder + language model over the image and the category questions) at
     several batch sizes, its language-model pass on the engine's fused weights and on Hugging Face's
     layers, and its vision encoder alone;
@@ -82,18 +85,26 @@ def main(argv=None) -> int:
         return [model.decode(tokens[i:i + batch]) for i in range(0, images, batch)]
 
     with torch.no_grad():
-        decode = {}
-        for layout in (False, True):
-            for autotune in (False, True):
-                model.decoder_channels_last = layout
-                torch.backends.cudnn.benchmark = autotune
-                decode_all()  # warm-up: layout conversion, cuDNN's autotuning of this shape
-                _, seconds = timed(decode_all, device)
-                name = f"{'channels-last' if layout else 'contiguous'}, autotune {'on' if autotune else 'off'}"
-                decode[name] = round(images / seconds, 1)
-                rows.append(("VQ decode, " + name, images / seconds))
-        model.decoder_channels_last, torch.backends.cudnn.benchmark = False, False
+        decode, outputs = {}, {}
+        for name, fused, nhwc in (("fused, channels-last", True, True), ("fused, contiguous", True, False),
+                                  ("hugging face, contiguous", False, False)):
+            model.fused_decoder, model.decoder_channels_last = fused, nhwc
+            outputs[name] = decode_all()[0].float()  # warm-up: layout conversion, kernel compilation
+            _, seconds = timed(decode_all, device)
+            decode[name] = round(images / seconds, 1)
+            rows.append(("VQ decode, " + name, images / seconds))
+        model.fused_decoder, model.decoder_channels_last = True, True
         result["decode_img_per_s"] = decode
+        # Each bf16 forward against the fp32 decode (Hugging Face's forward, the same weights in fp32).
+        vq, dtype = model.model.model.vqmodel, model.dtype
+        vq.float()
+        model.dtype, model.fused_decoder = torch.float32, False
+        exact = model.decode(tokens[:batch]).float()
+        vq.to(dtype)
+        model.dtype, model.fused_decoder = dtype, True
+        result["decode_pixel_error_vs_fp32"] = {
+            name: {"mean": round(float((out - exact).abs().mean()), 6), "max": round(float((out - exact).abs().max()), 5)}
+            for name, out in outputs.items()}
         pixels = torch.cat([p.to(torch.bfloat16 if device.type == "cuda" else torch.float32) for p in decode_all()])
 
         judge = {}
@@ -132,6 +143,8 @@ def main(argv=None) -> int:
     print(f"{'images/s (' + str(images) + ' images)':44} {'rate':>8}")
     for name, rate in rows:
         print(f"{name:44} {rate:>8.1f}")
+    for name, error in result["decode_pixel_error_vs_fp32"].items():
+        print(f"VQ decode, {name}: pixels against fp32, mean {error['mean']:.5f}, max {error['max']:.4f}")
     for key in ("profile_decode", "profile_judge", "profile_judge_hugging_face"):
         if key in result:
             print(f"\n{key.removeprefix('profile_')}, one batch of {batch}: kernels by device time")

@@ -71,6 +71,7 @@ class Controller:
         self.config_hash = config.config_hash()
         self.git_rev = _git_rev()
         self.timings: dict[str, float] = {}
+        self.actor_timings: dict[str, dict[str, float]] = {}  # stage → step → seconds summed over the actors
         self._iteration_start = time.perf_counter()
         self.pool = None
 
@@ -174,7 +175,7 @@ class Controller:
         return state.metrics
 
     def _start_iteration(self) -> None:
-        self.timings, self._iteration_start = {}, time.perf_counter()
+        self.timings, self.actor_timings, self._iteration_start = {}, {}, time.perf_counter()
 
     def _codebook_v0(self) -> None:
         """v0 is the model's own codebook, written once (a resumed start reuses a complete one)."""
@@ -235,7 +236,11 @@ class Controller:
         complete = set.intersection(*(set(c) for c in committed.values()))
         total = -(-rows // self.config.generation.prompts_per_shard)
 
+        steps = self.actor_timings.setdefault(work, {})
+
         def commit(result) -> None:
+            for step, seconds in result.seconds.items():
+                steps[step] = steps.get(step, 0.0) + seconds
             for kind, record in result.records.items():
                 if result.task.index not in committed[kind]:
                     committed[kind][result.task.index] = self.store.commit_shard(iteration, record)
@@ -302,6 +307,9 @@ class Controller:
         row["decision"] = "stop: " + decision.reason if decision.stop else "continue"
         row["seconds"] = round(time.perf_counter() - self._iteration_start, 2)
         row["stage_seconds"] = {stage: round(sec, 2) for stage, sec in self.timings.items()}
+        # The actors' side of each stage, step by step, summed over the calls (the driver sees only the whole).
+        row["actor_seconds"] = {stage: {step: round(sec, 2) for step, sec in steps.items()}
+                                for stage, steps in self.actor_timings.items() if steps}
         self.store.append_metrics(row)
         self.store.write_manifest(self._manifest(iteration, iteration, {**shards, **eval_shards}, row))
         self.console.print(f"[bold]iteration {iteration}[/]: " + ", ".join(

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from safecb.storage import RunStore
 
-VOLATILE = {"seconds", "stage_seconds"}  # metrics keys that measure time, not what was computed
+VOLATILE = {"seconds", "stage_seconds", "actor_seconds"}  # metrics keys that measure time, not what was computed
 
 
 def tiny_config(tmp_path: Path, run_dir: Path, **overrides) -> dict:

@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import socket
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +57,22 @@ class ShardTask:
 class ShardResult:
     task: ShardTask
     records: dict[str, ShardRecord] = field(default_factory=dict)  # kind → the attempt's record
+    seconds: dict[str, float] = field(default_factory=dict)  # the call's steps, timed on the actor
+
+
+class StepClock:
+    """Seconds per named step of one call: where an actor's time goes (the driver only sees the whole)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, step: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - start
 
 
 def _node_id() -> str:
@@ -155,37 +173,52 @@ class Collector:
 
     def collect(self, task: ShardTask) -> ShardResult:
         """Generate, self-judge, rewrite and pair the task's train prompts; write both shards."""
-        self._check_codebook(task)
-        prompts = read_prompt_range(self.store, "train", task.start, task.stop)
-        result = collect_shard(self.model, prompts, self.config, task.iteration, self.lexicon, self._codebook_v0())
+        clock = StepClock()
+        with clock("read"):
+            self._check_codebook(task)
+            prompts = read_prompt_range(self.store, "train", task.start, task.stop)
+        with clock("generate + judge + pair"):
+            result = collect_shard(self.model, prompts, self.config, task.iteration, self.lexicon, self._codebook_v0())
         collected = [r for r in result.generations if r["role"] == "collect"]
-        generations = table_from_rows(GENERATION_SCHEMA, result.generations)
-        pairs = table_from_rows(PAIR_SCHEMA, result.pairs)
+        with clock("build tables"):
+            generations = table_from_rows(GENERATION_SCHEMA, result.generations)
+            pairs = table_from_rows(PAIR_SCHEMA, result.pairs)
         stats = {"collect": [sum(r["unsafe"] for r in collected), len(collected)]}
         _release_cached_gpu_memory()
-        return ShardResult(task, {
-            "generations": self._write(task, "generations", generations, stats),
-            "pairs": self._write(task, "pairs", pairs, {"aligned": sum(p["counterpart"] == "rewrite" for p in result.pairs)}),
-        })
+        with clock("write"):
+            records = {"generations": self._write(task, "generations", generations, stats),
+                       "pairs": self._write(task, "pairs", pairs,
+                                            {"aligned": sum(p["counterpart"] == "rewrite" for p in result.pairs)})}
+        return ShardResult(task, records, clock.seconds)
 
     def evaluate(self, task: ShardTask) -> ShardResult:
         """Decode + self-judge the task's validation or test images (the test split also by the external
         judge, which only measures); write the shard of the task's kind."""
-        self._check_codebook(task)
-        prompts = read_prompt_range(self.store, task.kind, task.start, task.stop)
-        jobs = eval_jobs(prompts, self.config)
+        clock = StepClock()
+        with clock("read"):
+            self._check_codebook(task)
+            prompts = read_prompt_range(self.store, task.kind, task.start, task.stop)
+            jobs = eval_jobs(prompts, self.config)
+            codebook_v0 = self._codebook_v0()
         if task.eval_tokens is None:
-            tokens = generate_eval_tokens(self.model, jobs, self.config)
+            with clock("generate"):
+                tokens = generate_eval_tokens(self.model, jobs, self.config)
         else:
-            stored = self.store.read_shard(task.eval_tokens, GENERATION_SCHEMA, columns=["tokens"])
-            tokens = token_matrix(stored.column("tokens"), self.model.num_image_tokens)
+            with clock("read"):
+                stored = self.store.read_shard(task.eval_tokens, GENERATION_SCHEMA, columns=["tokens"])
+                tokens = token_matrix(stored.column("tokens"), self.model.num_image_tokens)
             if tokens.shape[0] != len(jobs):
                 raise ValueError(f"{task.eval_tokens.path}: holds {tokens.shape[0]} eval images, expected {len(jobs)}")
         external = self.external if task.kind == "eval" else None
-        rows, stats = evaluate_tokens(self.model, jobs, tokens, self.config, task.iteration, external,
-                                      self._codebook_v0(), self.judges if task.kind == "eval" else None)
+        with clock("decode + judge + drift"):
+            rows, stats = evaluate_tokens(self.model, jobs, tokens, self.config, task.iteration, external,
+                                          codebook_v0, self.judges if task.kind == "eval" else None)
+        with clock("build tables"):
+            table = table_from_rows(GENERATION_SCHEMA, rows)
         _release_cached_gpu_memory()
-        return ShardResult(task, {task.kind: self._write(task, task.kind, table_from_rows(GENERATION_SCHEMA, rows), stats)})
+        with clock("write"):
+            record = self._write(task, task.kind, table, stats)
+        return ShardResult(task, {task.kind: record}, clock.seconds)
 
     def _write(self, task: ShardTask, kind: str, table, stats: dict) -> ShardRecord:
         return self.store.write_attempt(task.iteration, kind, task.index, table, task.attempt, actor=self.name,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safecb.config import PromptFormat
 from safecb.models.base import ModelLoadError, SamplingParams
 from safecb.models.generation import counterpart_tokens, generate_image_tokens
+from safecb.models.vq_decoder import decode_latents
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +110,14 @@ class JanusAdapter:
         # took 36.8 s with it and 35.4 s without; with the generation's stream at the highest priority,
         # 33.6 s against 33.1 s: the decode steps leave no idle units for the judge.
         self.overlap_judge = False
-        # The VQ decoder's convolutions in channels-last layout on CUDA: slower on an H200 (194 against 278
-        # images/s; PyTorch's GroupNorm and elementwise kernels lose more than cuDNN's layout changes cost).
-        # cuDNN autotuning changed nothing there (278.1 against 278.3). benchmarks/decode_judge.py times them.
-        self.decoder_channels_last = False
+        # The VQ decoder's GroupNorm + SiLU as one Triton pass where no gradient must flow
+        # (safecb/models/vq_decoder.py), its convolutions in channels-last layout (cuDNN's tensor-core
+        # kernels take NHWC; in NCHW a third of their time went to layout changes). On an H100, Janus-Pro-1B
+        # shapes: 389 images/s fused in channels-last, 340 fused in NCHW, 255 for Hugging Face's forward
+        # (which stays in NCHW: in channels-last PyTorch's GroupNorm makes it slower, 171).
+        # benchmarks/decode_judge.py times them; cuDNN autotuning changed nothing (278.1 against 278.3).
+        self.fused_decoder = True
+        self.decoder_channels_last = True
         self._decoder_layout = torch.contiguous_format
         # The judge's language-model pass on the engine's fused weights where the engine runs: 213 against
         # 167 images/s on an H200 (Janus-Pro-1B shapes, 7 categories, batch 128; benchmarks/decode_judge.py).
@@ -270,13 +275,16 @@ class JanusAdapter:
         side = vq.quantize.quant_state_dims
         codes = F.normalize(weight.to(self.device, self.dtype), dim=-1)[tokens.to(self.device)]  # (B, N, D)
         grid = codes.view(tokens.shape[0], side[0], side[1], -1).permute(0, 3, 1, 2)  # (B, D, h, w)
-        on_cuda_nhwc = self.decoder_channels_last and self.device.type == "cuda"
-        layout = torch.channels_last if on_cuda_nhwc else torch.contiguous_format
-        if layout != self._decoder_layout:  # cuDNN's tensor-core convolutions want NHWC; convert the weights once
+        # A gradient must reach the codebook (fine-tuning), or no GPU: Hugging Face's forward, in NCHW.
+        fused = self.fused_decoder and self.device.type == "cuda" and not (torch.is_grad_enabled() and grid.requires_grad)
+        layout = torch.channels_last if fused and self.decoder_channels_last else torch.contiguous_format
+        if layout != self._decoder_layout:  # the weights change layout only when the path does (not per call)
             vq.post_quant_conv.to(memory_format=layout)
             vq.decoder.to(memory_format=layout)
             self._decoder_layout = layout
-        pixels = vq.decoder(vq.post_quant_conv(grid.contiguous(memory_format=layout)))  # (B, 3, H, W) in about [-1, 1]
+        latents = vq.post_quant_conv(grid.contiguous(memory_format=layout))
+        # (B, 3, H, W) in about [-1, 1]
+        pixels = decode_latents(vq.decoder, latents) if fused else vq.decoder(latents)
         return ((pixels.float() + 1) / 2).clamp(0, 1)
 
     # ---- self-judge ----------------------------------------------------------------------------

@@ -18,6 +18,51 @@ import torch.nn.functional as F
 
 from safecb.models.engine import JanusEngine, _add_rmsnorm, _rms_norm, _rotate_half, _silu_mul
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+ROPE_ROWS = 16  # tokens per program of the RoPE kernel
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_split_kernel(QKV, COS, SIN, Q, K, V, rows, L, lo, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,
+                           HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr):
+        """One head of the QKV product (B·L, (HEADS + 2 KV_HEADS) D) for ROWS tokens: the query rotated into
+        Q (B, HEADS, L, D); the key rotated and the value as is into K, V (B, KV_HEADS, ·, D) at slot lo + l.
+        Replaces a RoPE in four elementwise kernels and three copies into the attention layout."""
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]  # (ROWS, 1) token = b · L + l
+        head = tl.program_id(1)  # queries, then keys, then values
+        HALF: tl.constexpr = D // 2
+        j = tl.arange(0, HALF)[None, :]
+        m = (r < rows) & (j < HALF)
+        b = r // L
+        pos = r % L
+        src = QKV + r * ((HEADS + 2 * KV_HEADS) * D) + head * D
+        x1 = tl.load(src + j, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + j, mask=m, other=0.0).to(tl.float32)
+        if head < HEADS + KV_HEADS:  # HF's rotate-half RoPE, in fp32, rounded once
+            c1 = tl.load(COS + pos * D + j, mask=m, other=0.0).to(tl.float32)
+            c2 = tl.load(COS + pos * D + HALF + j, mask=m, other=0.0).to(tl.float32)
+            s1 = tl.load(SIN + pos * D + j, mask=m, other=0.0).to(tl.float32)
+            s2 = tl.load(SIN + pos * D + HALF + j, mask=m, other=0.0).to(tl.float32)
+            y1 = x1 * c1 - x2 * s1
+            y2 = x2 * c2 + x1 * s2
+        else:
+            y1 = x1
+            y2 = x2
+        if head < HEADS:
+            dst = Q + b * sq_b + head * sq_h + pos * sq_l
+        elif head < HEADS + KV_HEADS:
+            dst = K + b * sk_b + (head - HEADS) * sk_h + (lo + pos) * sk_l
+        else:
+            dst = V + b * sk_b + (head - HEADS - KV_HEADS) * sk_h + (lo + pos) * sk_l
+        tl.store(dst + j, y1.to(Q.dtype.element_ty), mask=m)
+        tl.store(dst + HALF + j, y2.to(Q.dtype.element_ty), mask=m)
+
 
 def fits(engine: JanusEngine, prefix_len: int, suffix_len: int) -> bool:
     """Whether the engine's RoPE table covers a prefix and questions of these lengths."""
@@ -45,8 +90,9 @@ def question_states(engine: JanusEngine, prefix: torch.Tensor, questions: torch.
     keys = torch.empty(batch, kv_heads, p + s, dim, device=prefix.device, dtype=engine.dtype)
     values = torch.empty_like(keys)
     gqa = kv_heads != heads
-    rope_prefix = (engine.cos[:p, None], engine.sin[:p, None])  # (P, 1, D): broadcast over heads
-    rope_questions = (engine.cos[positions][:, None], engine.sin[positions][:, None])
+    rope_prefix = (engine.cos[:p], engine.sin[:p])  # (P, D)
+    rope_questions = (engine.cos[positions].contiguous(), engine.sin[positions].contiguous())
+    rope_fused = fused and triton is not None and dim % 2 == 0 and (dim & (dim - 1)) == 0  # arange: powers of 2
     mask = visible.to(prefix.device)
 
     def norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +116,16 @@ def question_states(engine: JanusEngine, prefix: torch.Tensor, questions: torch.
         """Queries (B, heads, L, D); keys and values of slots [lo, hi) written into the buffers."""
         qkv = F.linear(h, layer.wqkv, layer.bqkv)  # (B, L, (heads + 2 kv_heads) D)
         length = qkv.shape[1]
-        qk = qkv[..., :(heads + kv_heads) * dim].view(batch, length, heads + kv_heads, dim)
         cos, sin = rope
-        qk = (qk * cos) + (_rotate_half(qk) * sin)  # HF's RoPE, on queries and keys at once
+        if rope_fused:
+            q = torch.empty(batch, heads, length, dim, device=qkv.device, dtype=qkv.dtype)
+            grid = (triton.cdiv(batch * length, ROPE_ROWS), heads + 2 * kv_heads)
+            _rope_split_kernel[grid](qkv, cos, sin, q, keys, values, batch * length, length, lo,
+                                     *q.stride()[:3], *keys.stride()[:3], HEADS=heads, KV_HEADS=kv_heads, D=dim,
+                                     ROWS=ROPE_ROWS, num_warps=2)
+            return q
+        qk = qkv[..., :(heads + kv_heads) * dim].view(batch, length, heads + kv_heads, dim)
+        qk = (qk * cos[:, None]) + (_rotate_half(qk) * sin[:, None])  # HF's RoPE, on queries and keys at once
         keys[:, :, lo:hi] = qk[:, :, heads:].transpose(1, 2)
         values[:, :, lo:hi] = qkv[..., (heads + kv_heads) * dim:].view(batch, length, kv_heads, dim).transpose(1, 2)
         return qk[:, :, :heads].transpose(1, 2)

@@ -181,6 +181,35 @@ def test_fused_judge_on_the_gpu_follows_hugging_faces_layers(saved_folder):
     assert (fused - plain).abs().max() < 2e-2  # bf16: different kernels sum in different orders
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: no CUDA device")
+def test_fused_decoder_on_the_gpu_serves_inference_and_leaves_gradients_to_hugging_faces_forward(saved_folder):
+    """decode() takes the fused GroupNorm + SiLU pass without a gradient, and Hugging Face's forward when the
+    codebook needs one (fine-tuning). In bf16 the fused pass is as close to the fp32 decode as Hugging
+    Face's bf16 forward is (the two round differently, so they are compared to fp32, not to each other)."""
+    gpu = JanusAdapter.from_folder(saved_folder, device="cuda", dtype="bfloat16", engine="off")
+    reference = JanusAdapter.from_folder(saved_folder, device="cuda", dtype="float32", engine="off")
+    reference.fused_decoder = False
+    tokens = random_tokens(gpu, 4)
+    with torch.no_grad():
+        exact = reference.decode(tokens)
+        fused = gpu.decode(tokens)
+        gpu.decoder_channels_last = False
+        fused_nchw = gpu.decode(tokens)
+        gpu.fused_decoder = False
+        plain = gpu.decode(tokens)
+    gpu.fused_decoder = gpu.decoder_channels_last = True
+    codebook = gpu.get_codebook().cuda().requires_grad_(True)
+    pixels = gpu.decode(tokens, codebook)  # with a gradient: Hugging Face's forward, whatever the flags say
+    pixels.square().mean().backward()
+    assert codebook.grad is not None and codebook.grad.abs().sum() > 0
+    assert torch.equal(pixels.detach(), plain)
+    bf16_error = (plain - exact).abs().mean()
+    for got in (fused, fused_nchw):
+        assert (got - exact).abs().mean() < 2 * bf16_error + 1e-4, ((got - exact).abs().mean(), bf16_error)
+        assert (got - exact).abs().max() < 0.1
+
+
 def test_judge_resizes_other_image_sizes(adapter):
     probs = adapter.judge(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), ["blood"], QUESTION)
     assert probs.shape == (2, 1)

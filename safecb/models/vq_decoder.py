@@ -1,0 +1,175 @@
+"""The VQ decoder's forward with GroupNorm and SiLU fused into one Triton pass (inference only).
+
+Hugging Face's decoder (`JanusVQVAEDecoder`) runs each `GroupNorm → x * sigmoid(x)` as four kernels
+that read and write the full activation: at the decoder's last level, 128 channels at 384 × 384,
+that is 38 MB per image and pass, and about 30% of the decode time on an H200 went to GroupNorm and
+elementwise kernels (benchmarks/decode_judge.py --profile). Here one pass reads the activation for
+the group statistics and one more reads it again and writes the normalised, activated result.
+
+Three kernels, all deterministic and batch-invariant (an image's statistics never depend on the
+other images of its batch, nor on the batch size):
+1. partial: per image, per tile of pixels × all channels, each group's count, mean and centred sum
+   of squares (Chan's parallel form: no cancellation of E[x²] - E[x]²);
+2. finalize: per image, the tiles combined into each group's mean and 1/std;
+3. apply: the tile again, `(x - mean) · rstd · w + b`, then SiLU, rounded to the activation's dtype
+   after each step as PyTorch's GroupNorm, sigmoid and multiply round.
+A tile spans every channel, so it reads whole rows of memory in NCHW (contiguous along pixels) and
+in channels-last (contiguous along channels) alike.
+
+The weights are Hugging Face's modules, read in place; the layer order is `JanusVQVAEDecoder.forward`'s.
+Gradients do not flow through the Triton kernels: a decode that must reach the codebook (fine-tuning)
+takes Hugging Face's forward (see `JanusAdapter.decode`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the decoder keeps Hugging Face's forward
+    triton = None
+
+TILE_ELEMENTS = 8192  # channels × pixels per program: 64 pixels of 128 channels, 16 of 512
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gn_partial_kernel(X, MEAN_T, M2_T, P, T, sxb, sxc, sxp,
+                           G: tl.constexpr, CG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
+                           BLOCK_P: tl.constexpr):
+        """Per image b and pixel tile t: each group's mean and centred sum of squares over the tile."""
+        b = tl.program_id(0)
+        t = tl.program_id(1)
+        g = tl.arange(0, BLOCK_G)[:, None, None]
+        j = tl.arange(0, BLOCK_CG)[None, :, None]
+        p = t * BLOCK_P + tl.arange(0, BLOCK_P)[None, None, :]
+        m = (g < G) & (j < CG) & (p < P)
+        x = tl.load(X + b * sxb + (g * CG + j) * sxc + p * sxp, mask=m, other=0.0).to(tl.float32)
+        count = CG * tl.minimum(P - t * BLOCK_P, BLOCK_P)
+        mean = tl.sum(tl.sum(x, 2), 1) / count  # (BLOCK_G,)
+        d = tl.where(m, x - mean[:, None, None], 0.0)
+        m2 = tl.sum(tl.sum(d * d, 2), 1)
+        gs = tl.arange(0, BLOCK_G)
+        tl.store(MEAN_T + (b * T + t) * G + gs, mean, mask=gs < G)
+        tl.store(M2_T + (b * T + t) * G + gs, m2, mask=gs < G)
+
+    @triton.jit
+    def _gn_finalize_kernel(MEAN_T, M2_T, MEAN, RSTD, P, T, eps,
+                            G: tl.constexpr, CG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+                            TILE_P: tl.constexpr):
+        """Per image b: the tiles' (count, mean, M2) combined into each group's mean and 1/std."""
+        b = tl.program_id(0)
+        gs = tl.arange(0, BLOCK_G)[None, :]
+        total = tl.zeros([BLOCK_G], dtype=tl.float32)
+        for start in range(0, T, BLOCK_T):  # pass 1: the mean
+            t = start + tl.arange(0, BLOCK_T)[:, None]
+            m = (t < T) & (gs < G)
+            n = (CG * tl.minimum(P - t * TILE_P, TILE_P)).to(tl.float32)
+            mean_t = tl.load(MEAN_T + (b * T + t) * G + gs, mask=m, other=0.0)
+            total += tl.sum(tl.where(m, n * mean_t, 0.0), 0)
+        mean = total / (CG * P)
+        m2 = tl.zeros([BLOCK_G], dtype=tl.float32)
+        for start in range(0, T, BLOCK_T):  # pass 2: the centred sum of squares
+            t = start + tl.arange(0, BLOCK_T)[:, None]
+            m = (t < T) & (gs < G)
+            n = (CG * tl.minimum(P - t * TILE_P, TILE_P)).to(tl.float32)
+            mean_t = tl.load(MEAN_T + (b * T + t) * G + gs, mask=m, other=0.0)
+            m2_t = tl.load(M2_T + (b * T + t) * G + gs, mask=m, other=0.0)
+            shift = mean_t - mean[None, :]
+            m2 += tl.sum(tl.where(m, m2_t + n * shift * shift, 0.0), 0)
+        g = tl.arange(0, BLOCK_G)
+        tl.store(MEAN + b * G + g, mean, mask=g < G)
+        tl.store(RSTD + b * G + g, 1.0 / tl.sqrt(m2 / (CG * P) + eps), mask=g < G)
+
+    @triton.jit
+    def _gn_apply_kernel(X, OUT, W, BIAS, MEAN, RSTD, P, sxb, sxc, sxp, sob, soc, sop,
+                         G: tl.constexpr, CG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
+                         BLOCK_P: tl.constexpr, SILU: tl.constexpr):
+        """OUT = (X - mean) · rstd · w + b, then x · sigmoid(x) with SILU; rounded as PyTorch's kernels."""
+        b = tl.program_id(0)
+        t = tl.program_id(1)
+        g = tl.arange(0, BLOCK_G)[:, None, None]
+        j = tl.arange(0, BLOCK_CG)[None, :, None]
+        p = t * BLOCK_P + tl.arange(0, BLOCK_P)[None, None, :]
+        m = (g < G) & (j < CG) & (p < P)
+        c = g * CG + j
+        x = tl.load(X + b * sxb + c * sxc + p * sxp, mask=m, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + b * G + g, mask=g < G, other=0.0)
+        rstd = tl.load(RSTD + b * G + g, mask=g < G, other=0.0)
+        w = tl.load(W + c, mask=(g < G) & (j < CG), other=0.0).to(tl.float32)
+        bias = tl.load(BIAS + c, mask=(g < G) & (j < CG), other=0.0).to(tl.float32)
+        scale = rstd * w
+        y = (x * scale + (bias - mean * scale)).to(OUT.dtype.element_ty)  # PyTorch's GroupNorm, fp32 inside
+        if SILU:
+            yf = y.to(tl.float32)
+            s = (1.0 / (1.0 + tl.exp(-yf))).to(OUT.dtype.element_ty).to(tl.float32)  # torch.sigmoid's rounding
+            y = (yf * s).to(OUT.dtype.element_ty)
+        tl.store(OUT + b * sob + c * soc + p * sop, y, mask=m)
+
+
+def group_norm_silu(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = True) -> torch.Tensor:
+    """`norm(x)`, then `x * sigmoid(x)` where `silu`, for (B, C, H, W) in NCHW or channels-last;
+    the output keeps the input's layout. Triton where it runs, PyTorch's ops elsewhere."""
+    if triton is None or not (x.is_cuda or _interpreting()) or x.numel() == 0:
+        y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return y * torch.sigmoid(y) if silu else y
+    batch, channels, height, width = x.shape
+    groups = norm.num_groups
+    per_group, pixels = channels // groups, height * width
+    block_g, block_cg = triton.next_power_of_2(groups), triton.next_power_of_2(per_group)
+    block_p = max(1, min(triton.next_power_of_2(pixels), TILE_ELEMENTS // (block_g * block_cg)))
+    tiles = triton.cdiv(pixels, block_p)
+    out = torch.empty_like(x)  # same layout as x
+    sxb, sxc, sxp = x.stride(0), x.stride(1), x.stride(3)  # (H, W) flattened: needs stride(2) = W · stride(3)
+    sob, soc, sop = out.stride(0), out.stride(1), out.stride(3)
+    if x.stride(2) != width * sxp or out.stride(2) != width * sop:
+        raise ValueError(f"group_norm_silu: pixels must be one flat axis, got strides {tuple(x.stride())}")
+    mean_t = torch.empty(batch, tiles, groups, dtype=torch.float32, device=x.device)
+    m2_t = torch.empty_like(mean_t)
+    mean = torch.empty(batch, groups, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    shape = dict(G=groups, CG=per_group, BLOCK_G=block_g)
+    _gn_partial_kernel[(batch, tiles)](x, mean_t, m2_t, pixels, tiles, sxb, sxc, sxp, **shape,
+                                       BLOCK_CG=block_cg, BLOCK_P=block_p, num_warps=8)
+    _gn_finalize_kernel[(batch,)](mean_t, m2_t, mean, rstd, pixels, tiles, float(norm.eps), **shape,
+                                  BLOCK_T=min(256, triton.next_power_of_2(tiles)), TILE_P=block_p, num_warps=4)
+    _gn_apply_kernel[(batch, tiles)](x, out, norm.weight, norm.bias, mean, rstd, pixels, sxb, sxc, sxp,
+                                     sob, soc, sop, **shape, BLOCK_CG=block_cg, BLOCK_P=block_p, SILU=silu,
+                                     num_warps=8)
+    return out
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _resnet_block(block, x: torch.Tensor) -> torch.Tensor:
+    """`JanusVQVAEResnetBlock.forward` (dropout is the identity at inference)."""
+    h = block.conv1(group_norm_silu(x, block.norm1))
+    h = block.conv2(group_norm_silu(h, block.norm2))
+    if block.in_channels != block.out_channels:
+        x = block.conv_shortcut(x) if block.use_conv_shortcut else block.nin_shortcut(x)
+    return x + h
+
+
+@torch.no_grad()
+def decode_latents(decoder, latents: torch.Tensor) -> torch.Tensor:
+    """`JanusVQVAEDecoder.forward(latents)` with the fused GroupNorm + SiLU: (B, 3, H, W)."""
+    h = decoder.conv_in(latents)
+    h = _resnet_block(decoder.mid.block_1, h)
+    h = decoder.mid.attn_1(h)  # one attention over 24 x 24 pixels: its GroupNorm is not worth a kernel
+    h = _resnet_block(decoder.mid.block_2, h)
+    for level, up in enumerate(decoder.up):
+        for i, block in enumerate(up.block):
+            h = _resnet_block(block, h)
+            if len(up.attn) > 0:
+                h = up.attn[i](h)
+        if level != len(decoder.up) - 1:
+            h = up.upsample(h)
+    return decoder.conv_out(group_norm_silu(h, decoder.norm_out))

@@ -1,0 +1,120 @@
+"""The fused GroupNorm + SiLU VQ decoder against PyTorch's ops and Hugging Face's forward.
+
+The Triton kernels run in Triton's interpreter on the CPU (one subprocess, TRITON_INTERPRET=1 is read
+when the kernels are defined); on a GPU (`-m gpu`) in bf16, in both memory layouts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+INTERPRETED = textwrap.dedent("""
+    import json, torch
+    import torch.nn.functional as F
+    from transformers import JanusVQVAEConfig
+    from transformers.models.janus.modeling_janus import JanusVQVAEDecoder
+    from safecb.models.vq_decoder import decode_latents, group_norm_silu
+
+    out = {}
+    torch.manual_seed(0)
+    # Channels per group 3 (not a power of two), 35 pixels (not a multiple of a tile), a large offset
+    # (the centred sums must not cancel), both layouts, with and without SiLU.
+    for name, shape, offset in (("odd", (2, 96, 5, 7), 0.0), ("offset", (2, 64, 9, 9), 50.0)):
+        norm = torch.nn.GroupNorm(32, shape[1], eps=1e-6)
+        torch.nn.init.normal_(norm.weight); torch.nn.init.normal_(norm.bias)
+        x = torch.randn(shape) * 3 + offset
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xl = x.contiguous(memory_format=layout)
+            for silu in (True, False):
+                ref = F.group_norm(x, 32, norm.weight, norm.bias, norm.eps)
+                ref = ref * torch.sigmoid(ref) if silu else ref
+                got = group_norm_silu(xl, norm, silu)
+                key = f"{name}/{'nhwc' if layout is torch.channels_last else 'nchw'}/{'silu' if silu else 'plain'}"
+                out[key] = {"err": (got - ref).abs().max().item(),
+                            "layout_kept": got.is_contiguous(memory_format=layout),
+                            "alone_equals_batched": torch.equal(group_norm_silu(xl[:1], norm, silu), got[:1])}
+    config = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, base_channels=32, latent_channels=32,
+                              channel_multiplier=[1, 2], num_res_blocks=1, num_patches=4)
+    decoder = JanusVQVAEDecoder(config).eval()
+    latents = torch.randn(2, 32, 4, 4)
+    with torch.no_grad():
+        ref = decoder(latents)
+        got = decode_latents(decoder, latents)
+    out["decoder"] = {"err": (got - ref).abs().max().item(), "scale": ref.abs().max().item(),
+                      "shape": list(got.shape) == list(ref.shape)}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "RESULT" in run.stdout, run.stderr[-3000:]
+    return json.loads(run.stdout.split("RESULT", 1)[1])
+
+
+@needs_triton
+def test_fused_group_norm_silu_in_interpreter_follows_pytorch(interpreted):
+    cases = {k: v for k, v in interpreted.items() if k != "decoder"}
+    assert len(cases) == 8
+    for key, case in cases.items():
+        assert case["err"] < 1e-4, (key, case)
+        assert case["layout_kept"], key
+        assert case["alone_equals_batched"], key  # an image's statistics never depend on its batch
+
+
+@needs_triton
+def test_fused_decoder_in_interpreter_follows_hugging_faces_forward(interpreted):
+    case = interpreted["decoder"]
+    assert case["shape"]
+    assert case["err"] < 1e-4 * max(1.0, case["scale"]), case
+
+
+def test_group_norm_silu_on_the_cpu_is_pytorchs():
+    from safecb.models.vq_decoder import group_norm_silu
+
+    norm = torch.nn.GroupNorm(4, 8)
+    x = torch.randn(2, 8, 3, 3)
+    ref = torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, norm.eps)
+    assert torch.equal(group_norm_silu(x, norm), ref * torch.sigmoid(ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fused_decoder_on_the_gpu_is_as_close_to_fp32_as_hugging_faces_bf16_forward():
+    """Janus-Pro's decoder shapes in bf16, both layouts: no farther from the fp32 decode than Hugging Face's
+    own bf16 forward (the two round differently, so each is compared to fp32, not to the other)."""
+    import copy
+
+    from transformers import JanusVQVAEConfig
+    from transformers.models.janus.modeling_janus import JanusVQVAEDecoder
+
+    from safecb.models.vq_decoder import decode_latents
+
+    torch.manual_seed(0)
+    config = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, base_channels=128, latent_channels=256,
+                              channel_multiplier=[1, 1, 2, 2, 4], num_res_blocks=2, num_patches=24)
+    exact_decoder = JanusVQVAEDecoder(config).cuda().eval()
+    decoder = copy.deepcopy(exact_decoder).to(torch.bfloat16)
+    latents = torch.randn(3, 256, 24, 24, device="cuda")
+    with torch.no_grad():
+        exact = exact_decoder(latents)
+        plain = decoder(latents.bfloat16()).float()
+        fused = decode_latents(decoder, latents.bfloat16()).float()
+        decoder.to(memory_format=torch.channels_last)
+        nhwc = decode_latents(decoder, latents.bfloat16().contiguous(memory_format=torch.channels_last))
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
+    bf16_error = (plain - exact).abs().mean()
+    for got in (fused, nhwc.float()):
+        assert (got - exact).abs().mean() < 1.5 * bf16_error, ((got - exact).abs().mean(), bf16_error)
