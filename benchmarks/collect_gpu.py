@@ -81,6 +81,9 @@ def build_folder(folder: Path, tiny: bool = False) -> None:
     processor = build_processor(tokenizer, image_size=config.vision_config.image_size)
     processor.num_image_tokens = tokens  # build_processor assumes 4-pixel patches (MACHINE-NOTES)
     save_model_folder(model.cpu(), processor, folder)
+    del model
+    if not tiny:  # the measured runs are child processes: leave them the whole GPU (an H100 has 80 GB)
+        torch.cuda.empty_cache()
 
 
 def write_config(work: Path, folder: Path, prompts: int, evals: int, tiny: bool = False, kv_dtype: str = "bf16") -> Path:
