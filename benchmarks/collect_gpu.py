@@ -86,11 +86,14 @@ def build_folder(folder: Path, tiny: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
-def write_config(work: Path, folder: Path, prompts: int, evals: int, tiny: bool = False, kv_dtype: str = "bf16") -> Path:
+def write_config(work: Path, folder: Path, prompts: int, evals: int, tiny: bool = False, kv_dtype: str = "bf16",
+                 max_batch: int | None = None) -> Path:
     import yaml
 
     from safecb.config import PromptsConfig
 
+    # The engine's batch (its KV cache): 256 sequences of a bf16 cache take 66 GB, 512 of fp8 as much.
+    batch = max_batch or (256 if kv_dtype == "bf16" else 512)
     splits = [("train", prompts, 0), ("eval_unsafe", evals // 2, 1), ("eval_benign", evals - evals // 2, 2)]
     if "val_unsafe" in PromptsConfig.model_fields:  # a validation split: small, it only has to exist here
         splits += [("val_unsafe", 8, 3), ("val_benign", 8, 4)]
@@ -100,10 +103,9 @@ def write_config(work: Path, folder: Path, prompts: int, evals: int, tiny: bool 
         "run_id": "collect-gpu", "categories": CATEGORIES,
         "model": {"backend": "janus", "path": str(folder), "dtype": "float32" if tiny else "bfloat16",
                   "device": "cpu" if tiny else "cuda",
-                  "engine": {"enabled": "off" if tiny else "on", "kv_dtype": kv_dtype,
-                             "max_batch": 256 if kv_dtype == "bf16" else 512}},
+                  "engine": {"enabled": "off" if tiny else "on", "kv_dtype": kv_dtype, "max_batch": batch}},
         "prompts": {name: {"path": str(work / f"{name}.txt")} for name, _, _ in splits},
-        "generation": {"samples_per_prompt": 1, "guidance": 5.0, "batch_size": 256 if kv_dtype == "bf16" else 512,
+        "generation": {"samples_per_prompt": 1, "guidance": 5.0, "batch_size": batch,
                        "prompts_per_shard": 512},
         "judge": {"threshold": 0.0, "batch_size": 64},  # every image unsafe: the worst case for collection
         "pairing": {"rewrite": "model_then_lexicon", "lexicon": {c: "peaceful" for c in CATEGORIES}},
@@ -242,6 +244,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="toy shapes on the CPU: a smoke run of this script")
     parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16", help="the engine's KV cache")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="the engine's batch (default 256 with a bf16 cache, 512 with fp8: sized for an H200; "
+                             "192 / 384 leave an H100 room for the decoder)")
     parser.add_argument("--pool-only", action="store_true", help="skip the plain loop (no efficiency figures)")
     parser.add_argument("--plain-only", action="store_true",
                         help="the plain loop alone: its figures and the collection's seconds by step, nothing saved")
@@ -258,7 +263,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     build_folder(work / "model", args.tiny)
     print(f"built the 1B-shaped folder in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    config_path = write_config(work, work / "model", args.prompts, args.eval, args.tiny, args.kv_dtype)
+    config_path = write_config(work, work / "model", args.prompts, args.eval, args.tiny, args.kv_dtype, args.max_batch)
     parts = {}
     for part in ("pool",) if args.pool_only else ("plain",) if args.plain_only else ("plain", "pool"):  # separate processes: each has the GPU to itself
         proc = subprocess.run([sys.executable, __file__, "--part", part, "--config", str(config_path)],
@@ -303,7 +308,8 @@ def main(argv=None) -> int:
         **{f"gpu_judge_img_per_s_plain_{layout}": round(images / plain[f"judge_s_{layout}"], 1)
            for layout in ("channels_last", "contiguous") if f"judge_s_{layout}" in plain},
         "gpu_settings": {"prompts": prompts, "eval_images": images, "shapes": "Janus-Pro-1B, random weights",
-                         "engine": f"{args.kv_dtype} KV cache, batch-invariant", "categories": len(CATEGORIES)},
+                         "engine": f"{args.kv_dtype} KV cache, batch-invariant", "categories": len(CATEGORIES),
+                         "engine_batch": args.max_batch or (256 if args.kv_dtype == "bf16" else 512)},
     }
     if args.pool_only:  # no plain loop ran: leave its figures out rather than write NaN
         result = {k: v for k, v in result.items() if not (k.endswith("_plain") or k.endswith("_efficiency")
