@@ -16,6 +16,11 @@ other images of its batch, nor on the batch size):
 A tile spans every channel, so it reads whole rows of memory in NCHW (contiguous along pixels) and
 in channels-last (contiguous along channels) alike.
 
+The convolutions run without their bias: PyTorch adds a bias in a broadcasting kernel of its own,
+which in channels-last took as long as the convolutions themselves. The bias of a resnet block's
+first convolution is added as the next GroupNorm reads its input; the second's, with the residual
+add, in one pass (`add_bias`).
+
 The weights are Hugging Face's modules, read in place; the layer order is `JanusVQVAEDecoder.forward`'s.
 Gradients do not flow through the Triton kernels: a decode that must reach the codebook (fine-tuning)
 takes Hugging Face's forward (see `JanusAdapter.decode`).
@@ -38,9 +43,19 @@ TILE_ELEMENTS = 8192  # channels × pixels per program: 64 pixels of 128 channel
 if triton is not None:
 
     @triton.jit
-    def _gn_partial_kernel(X, MEAN_T, M2_T, P, T, sxb, sxc, sxp,
+    def _load_shifted(X, SHIFT, b, c, p, m, sxb, sxc, sxp, HAS_SHIFT: tl.constexpr):
+        """X's tile in fp32; with HAS_SHIFT plus the channel's SHIFT (a convolution's bias), rounded to
+        X's dtype as PyTorch's in-place bias add rounds it."""
+        x = tl.load(X + b * sxb + c * sxc + p * sxp, mask=m, other=0.0)
+        if HAS_SHIFT:
+            shift = tl.load(SHIFT + c, mask=m, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) + shift).to(X.dtype.element_ty)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _gn_partial_kernel(X, SHIFT, MEAN_T, M2_T, P, T, sxb, sxc, sxp,
                            G: tl.constexpr, CG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
-                           BLOCK_P: tl.constexpr):
+                           BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr):
         """Per image b and pixel tile t: each group's mean and centred sum of squares over the tile."""
         b = tl.program_id(0)
         t = tl.program_id(1)
@@ -48,7 +63,7 @@ if triton is not None:
         j = tl.arange(0, BLOCK_CG)[None, :, None]
         p = t * BLOCK_P + tl.arange(0, BLOCK_P)[None, None, :]
         m = (g < G) & (j < CG) & (p < P)
-        x = tl.load(X + b * sxb + (g * CG + j) * sxc + p * sxp, mask=m, other=0.0).to(tl.float32)
+        x = _load_shifted(X, SHIFT, b, g * CG + j, p, m, sxb, sxc, sxp, HAS_SHIFT)
         count = CG * tl.minimum(P - t * BLOCK_P, BLOCK_P)
         mean = tl.sum(tl.sum(x, 2), 1) / count  # (BLOCK_G,)
         d = tl.where(m, x - mean[:, None, None], 0.0)
@@ -86,9 +101,9 @@ if triton is not None:
         tl.store(RSTD + b * G + g, 1.0 / tl.sqrt(m2 / (CG * P) + eps), mask=g < G)
 
     @triton.jit
-    def _gn_apply_kernel(X, OUT, W, BIAS, MEAN, RSTD, P, sxb, sxc, sxp, sob, soc, sop,
+    def _gn_apply_kernel(X, SHIFT, OUT, W, BIAS, MEAN, RSTD, P, sxb, sxc, sxp, sob, soc, sop,
                          G: tl.constexpr, CG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
-                         BLOCK_P: tl.constexpr, SILU: tl.constexpr):
+                         BLOCK_P: tl.constexpr, SILU: tl.constexpr, HAS_SHIFT: tl.constexpr):
         """OUT = (X - mean) · rstd · w + b, then x · sigmoid(x) with SILU; rounded as PyTorch's kernels."""
         b = tl.program_id(0)
         t = tl.program_id(1)
@@ -97,7 +112,7 @@ if triton is not None:
         p = t * BLOCK_P + tl.arange(0, BLOCK_P)[None, None, :]
         m = (g < G) & (j < CG) & (p < P)
         c = g * CG + j
-        x = tl.load(X + b * sxb + c * sxc + p * sxp, mask=m, other=0.0).to(tl.float32)
+        x = _load_shifted(X, SHIFT, b, c, p, m, sxb, sxc, sxp, HAS_SHIFT)
         mean = tl.load(MEAN + b * G + g, mask=g < G, other=0.0)
         rstd = tl.load(RSTD + b * G + g, mask=g < G, other=0.0)
         w = tl.load(W + c, mask=(g < G) & (j < CG), other=0.0).to(tl.float32)
@@ -110,11 +125,42 @@ if triton is not None:
             y = (yf * s).to(OUT.dtype.element_ty)
         tl.store(OUT + b * sob + c * soc + p * sop, y, mask=m)
 
+    @triton.jit
+    def _bias_residual_kernel(H, BIAS, RES, OUT, C, P, shb, shc, shp, srb, src, srp, sob, soc, sop,
+                              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_RES: tl.constexpr):
+        """OUT = RES + (H + bias): a convolution's bias and the residual add in one pass, rounded as
+        PyTorch's two adds round."""
+        b = tl.program_id(0)
+        c = tl.arange(0, BLOCK_C)[:, None]
+        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+        m = (c < C) & (p < P)
+        h = tl.load(H + b * shb + c * shc + p * shp, mask=m, other=0.0).to(tl.float32)
+        bias = tl.load(BIAS + c, mask=c < C, other=0.0).to(tl.float32)
+        y = (h + bias).to(OUT.dtype.element_ty)
+        if HAS_RES:
+            r = tl.load(RES + b * srb + c * src + p * srp, mask=m, other=0.0).to(tl.float32)
+            y = (r + y.to(tl.float32)).to(OUT.dtype.element_ty)
+        tl.store(OUT + b * sob + c * soc + p * sop, y, mask=m)
 
-def group_norm_silu(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = True) -> torch.Tensor:
-    """`norm(x)`, then `x * sigmoid(x)` where `silu`, for (B, C, H, W) in NCHW or channels-last;
-    the output keeps the input's layout. Triton where it runs, PyTorch's ops elsewhere."""
-    if triton is None or not (x.is_cuda or _interpreting()) or x.numel() == 0:
+
+def _triton_runs(x: torch.Tensor) -> bool:
+    return triton is not None and (x.is_cuda or _interpreting()) and x.numel() > 0
+
+
+def _flat_pixel_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, channel, pixel) strides of (B, C, H, W) in NCHW or channels-last: (H, W) as one axis."""
+    if x.stride(2) != x.shape[3] * x.stride(3):
+        raise ValueError(f"vq_decoder: pixels must be one flat axis, got strides {tuple(x.stride())}")
+    return x.stride(0), x.stride(1), x.stride(3)
+
+
+def group_norm_silu(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = True,
+                    shift: torch.Tensor | None = None) -> torch.Tensor:
+    """`norm(x + shift)`, then `x * sigmoid(x)` where `silu`, for (B, C, H, W) in NCHW or channels-last;
+    `shift` (C,) is the bias of the convolution that made x, added here instead of in a pass of its
+    own. The output keeps the input's layout. Triton where it runs, PyTorch's ops elsewhere."""
+    if not _triton_runs(x):
+        x = x if shift is None else x + shift.view(1, -1, 1, 1)
         y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         return y * torch.sigmoid(y) if silu else y
     batch, channels, height, width = x.shape
@@ -124,22 +170,39 @@ def group_norm_silu(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = True
     block_p = max(1, min(triton.next_power_of_2(pixels), TILE_ELEMENTS // (block_g * block_cg)))
     tiles = triton.cdiv(pixels, block_p)
     out = torch.empty_like(x)  # same layout as x
-    sxb, sxc, sxp = x.stride(0), x.stride(1), x.stride(3)  # (H, W) flattened: needs stride(2) = W · stride(3)
-    sob, soc, sop = out.stride(0), out.stride(1), out.stride(3)
-    if x.stride(2) != width * sxp or out.stride(2) != width * sop:
-        raise ValueError(f"group_norm_silu: pixels must be one flat axis, got strides {tuple(x.stride())}")
+    (sxb, sxc, sxp), (sob, soc, sop) = _flat_pixel_strides(x), _flat_pixel_strides(out)
+    has_shift = shift is not None
+    shift = shift if has_shift else norm.weight  # any pointer: not read
     mean_t = torch.empty(batch, tiles, groups, dtype=torch.float32, device=x.device)
     m2_t = torch.empty_like(mean_t)
     mean = torch.empty(batch, groups, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     shape = dict(G=groups, CG=per_group, BLOCK_G=block_g)
-    _gn_partial_kernel[(batch, tiles)](x, mean_t, m2_t, pixels, tiles, sxb, sxc, sxp, **shape,
-                                       BLOCK_CG=block_cg, BLOCK_P=block_p, num_warps=8)
+    _gn_partial_kernel[(batch, tiles)](x, shift, mean_t, m2_t, pixels, tiles, sxb, sxc, sxp, **shape,
+                                       BLOCK_CG=block_cg, BLOCK_P=block_p, HAS_SHIFT=has_shift, num_warps=8)
     _gn_finalize_kernel[(batch,)](mean_t, m2_t, mean, rstd, pixels, tiles, float(norm.eps), **shape,
                                   BLOCK_T=min(256, triton.next_power_of_2(tiles)), TILE_P=block_p, num_warps=4)
-    _gn_apply_kernel[(batch, tiles)](x, out, norm.weight, norm.bias, mean, rstd, pixels, sxb, sxc, sxp,
+    _gn_apply_kernel[(batch, tiles)](x, shift, out, norm.weight, norm.bias, mean, rstd, pixels, sxb, sxc, sxp,
                                      sob, soc, sop, **shape, BLOCK_CG=block_cg, BLOCK_P=block_p, SILU=silu,
-                                     num_warps=8)
+                                     HAS_SHIFT=has_shift, num_warps=8)
+    return out
+
+
+def add_bias(h: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`residual + (h + bias)` for (B, C, H, W) in NCHW or channels-last, `bias` (C,) over the channels:
+    one pass where Triton runs. PyTorch adds a convolution's bias in a broadcasting kernel of its own,
+    which in channels-last took as long as the convolutions (benchmarks/decode_judge.py --profile)."""
+    if not _triton_runs(h):
+        h = h + bias.view(1, -1, 1, 1)
+        return h if residual is None else residual + h
+    batch, channels, height, width = h.shape
+    block_c = triton.next_power_of_2(channels)
+    block_p = max(1, min(triton.next_power_of_2(height * width), TILE_ELEMENTS // block_c))
+    out = torch.empty_like(h)
+    res = residual if residual is not None else h
+    _bias_residual_kernel[(batch, triton.cdiv(height * width, block_p))](
+        h, bias, res, out, channels, height * width, *_flat_pixel_strides(h), *_flat_pixel_strides(res),
+        *_flat_pixel_strides(out), BLOCK_C=block_c, BLOCK_P=block_p, HAS_RES=residual is not None, num_warps=8)
     return out
 
 
@@ -149,13 +212,25 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _conv_without_bias(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The convolution alone: its bias is added by the next fused step."""
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 def _resnet_block(block, x: torch.Tensor) -> torch.Tensor:
-    """`JanusVQVAEResnetBlock.forward` (dropout is the identity at inference)."""
-    h = block.conv1(group_norm_silu(x, block.norm1))
-    h = block.conv2(group_norm_silu(h, block.norm2))
+    """`JanusVQVAEResnetBlock.forward` (dropout is the identity at inference); conv1's bias goes into
+    norm2's passes, conv2's into the residual add."""
+    h = _conv_without_bias(block.conv1, group_norm_silu(x, block.norm1))
+    h = _conv_without_bias(block.conv2, group_norm_silu(h, block.norm2, shift=block.conv1.bias))
     if block.in_channels != block.out_channels:
         x = block.conv_shortcut(x) if block.use_conv_shortcut else block.nin_shortcut(x)
-    return x + h
+    return add_bias(h, block.conv2.bias, residual=x)
+
+
+def _upsample(upsample, x: torch.Tensor) -> torch.Tensor:
+    """`JanusVQVAEConvUpsample.forward`: nearest ×2, then the convolution, its bias in a fused pass."""
+    conv = upsample.conv
+    return add_bias(_conv_without_bias(conv, F.interpolate(x, scale_factor=2.0, mode="nearest")), conv.bias)
 
 
 @torch.no_grad()
@@ -171,5 +246,5 @@ def decode_latents(decoder, latents: torch.Tensor) -> torch.Tensor:
             if len(up.attn) > 0:
                 h = up.attn[i](h)
         if level != len(decoder.up) - 1:
-            h = up.upsample(h)
+            h = _upsample(up.upsample, h)
     return decoder.conv_out(group_norm_silu(h, decoder.norm_out))

@@ -23,7 +23,7 @@ INTERPRETED = textwrap.dedent("""
     import torch.nn.functional as F
     from transformers import JanusVQVAEConfig
     from transformers.models.janus.modeling_janus import JanusVQVAEDecoder
-    from safecb.models.vq_decoder import decode_latents, group_norm_silu
+    from safecb.models.vq_decoder import add_bias, decode_latents, group_norm_silu
 
     out = {}
     torch.manual_seed(0)
@@ -43,6 +43,21 @@ INTERPRETED = textwrap.dedent("""
                 out[key] = {"err": (got - ref).abs().max().item(),
                             "layout_kept": got.is_contiguous(memory_format=layout),
                             "alone_equals_batched": torch.equal(group_norm_silu(xl[:1], norm, silu), got[:1])}
+    # A convolution's bias folded into the GroupNorm's passes, and into the residual add.
+    x, shift, residual = torch.randn(2, 64, 6, 5), torch.randn(64), torch.randn(2, 64, 6, 5)
+    norm = torch.nn.GroupNorm(32, 64, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl, rl = x.contiguous(memory_format=layout), residual.contiguous(memory_format=layout)
+        ref = F.group_norm(x + shift.view(1, -1, 1, 1), 32, norm.weight, norm.bias, norm.eps)
+        name = 'nhwc' if layout is torch.channels_last else 'nchw'
+        out[f"shifted/{name}"] = {"err": (group_norm_silu(xl, norm, True, shift) - ref * torch.sigmoid(ref)).abs().max().item(),
+                                  "layout_kept": True, "alone_equals_batched": True}
+        biased = add_bias(xl, shift)
+        out[f"bias/{name}"] = {"err": (biased - (x + shift.view(1, -1, 1, 1))).abs().max().item(),
+                               "layout_kept": biased.is_contiguous(memory_format=layout), "alone_equals_batched": True}
+        out[f"bias+residual/{name}"] = {"err": (add_bias(xl, shift, rl) - (residual + x + shift.view(1, -1, 1, 1))).abs().max().item(),
+                                        "layout_kept": True, "alone_equals_batched": True}
     config = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, base_channels=32, latent_channels=32,
                               channel_multiplier=[1, 2], num_res_blocks=1, num_patches=4)
     decoder = JanusVQVAEDecoder(config).eval()
@@ -67,7 +82,7 @@ def interpreted() -> dict:
 @needs_triton
 def test_fused_group_norm_silu_in_interpreter_follows_pytorch(interpreted):
     cases = {k: v for k, v in interpreted.items() if k != "decoder"}
-    assert len(cases) == 8
+    assert len(cases) == 8 + 6
     for key, case in cases.items():
         assert case["err"] < 1e-4, (key, case)
         assert case["layout_kept"], key
@@ -103,6 +118,21 @@ def test_fused_decoder_on_the_gpu_is_as_close_to_fp32_as_hugging_faces_bf16_forw
     from safecb.models.vq_decoder import decode_latents
 
     torch.manual_seed(0)
+    # A convolution's bias folded into the GroupNorm's passes, and into the residual add.
+    x, shift, residual = torch.randn(2, 64, 6, 5), torch.randn(64), torch.randn(2, 64, 6, 5)
+    norm = torch.nn.GroupNorm(32, 64, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl, rl = x.contiguous(memory_format=layout), residual.contiguous(memory_format=layout)
+        ref = F.group_norm(x + shift.view(1, -1, 1, 1), 32, norm.weight, norm.bias, norm.eps)
+        name = 'nhwc' if layout is torch.channels_last else 'nchw'
+        out[f"shifted/{name}"] = {"err": (group_norm_silu(xl, norm, True, shift) - ref * torch.sigmoid(ref)).abs().max().item(),
+                                  "layout_kept": True, "alone_equals_batched": True}
+        biased = add_bias(xl, shift)
+        out[f"bias/{name}"] = {"err": (biased - (x + shift.view(1, -1, 1, 1))).abs().max().item(),
+                               "layout_kept": biased.is_contiguous(memory_format=layout), "alone_equals_batched": True}
+        out[f"bias+residual/{name}"] = {"err": (add_bias(xl, shift, rl) - (residual + x + shift.view(1, -1, 1, 1))).abs().max().item(),
+                                        "layout_kept": True, "alone_equals_batched": True}
     config = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, base_channels=128, latent_channels=256,
                               channel_multiplier=[1, 1, 2, 2, 4], num_res_blocks=2, num_patches=24)
     exact_decoder = JanusVQVAEDecoder(config).cuda().eval()
