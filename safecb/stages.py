@@ -197,7 +197,10 @@ def evaluate_tokens(model: UnifiedModel, jobs: list[tuple[Prompt, int, int]], to
     labelled = [i for i, (p, _, _) in enumerate(jobs) if p.meta is not None] if external is not None else []
     split_of = [p.split or "unsafe" for p, _, _ in jobs]
     benign = [i for i, split in enumerate(split_of) if split == "benign"]
-    keep_images = bool(labelled) or bool((judges is not None or config.eval.save_png) and len(jobs))
+    # The decoded images go to the host only for what reads them: the world's judge, external judges,
+    # PNGs: not for an empty judge list (every eval shard of a run without external judges copied its
+    # 512 images, 0.9 GB in fp32, to the host for nothing).
+    keep_images = bool(labelled) or bool((judges or config.eval.save_png) and len(jobs))
     probs, drift, images = _decode_and_measure(model, tokens, config, benign if codebook_v0 is not None else [],
                                                codebook_v0, keep_images)
     threshold = config.judge.threshold

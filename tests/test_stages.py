@@ -157,3 +157,23 @@ def test_an_eval_shard_decodes_each_image_once_and_measures_the_drift_of_the_ben
     assert torch.allclose(torch.tensor([r["unsafe_probs"] for r in rows]), probs.float(), atol=1e-6)
     assert all(r["png"] for r in rows)  # the kept images became the PNGs
     model.set_codebook(v0, 0)
+
+
+def test_an_eval_shard_keeps_its_images_only_for_what_reads_them(monkeypatch):
+    """Decoded images go to the host for PNGs or external judges; with neither (an empty judge list, as
+    a run without external judges has) they are not kept, and the self-judge's counts are still there."""
+    import safecb.stages as stages
+
+    model = load_model(ModelConfig(backend="world"), ["blood", "fire"], 0)
+    prompts = [Prompt("u0", "a red circle with blood", split="unsafe"), Prompt("b0", "a blue square", split="benign")]
+    tokens = torch.randint(model.get_codebook().shape[0], (2, model.num_image_tokens),
+                           generator=torch.Generator().manual_seed(1))
+    kept, measure = [], stages._decode_and_measure
+    monkeypatch.setattr(stages, "_decode_and_measure", lambda *a: kept.append(a[-1]) or measure(*a))
+    for save_png, judges in ((False, []), (True, []), (False, None)):
+        config = parse_config({"run_id": "t", "categories": ["blood", "fire"], "eval": {"save_png": save_png},
+                               "resources": {"threads": 1}})
+        rows, stats = evaluate_tokens(model, eval_jobs(prompts, config), tokens, config, 0, judges=judges)
+        assert ("judge_counts" in stats) == (judges is not None)
+        assert all(bool(r["png"]) == save_png for r in rows)
+    assert kept == [False, True, False]
