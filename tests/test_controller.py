@@ -37,6 +37,11 @@ def test_two_iterations_leave_the_design_layout(uninterrupted):
     assert [r["iteration"] for r in rows] == [0, 1, 2] == [m["iteration"] for m in metrics]
     for row in rows:
         assert {"iteration", "codebook_version", "pairs", "unsafe_rate_self"} <= row.keys()
+        # where the actors' time went, step by step, beside the driver's stages
+        steps = row["actor_seconds"]
+        assert {"val", "eval"} <= steps.keys() and ("collect" in steps) == (row["iteration"] > 0)
+        assert "decode + judge + drift" in steps["eval"] and all(v >= 0 for s in steps.values() for v in s.values())
+        assert ("generate" in steps["eval"]) == (row["iteration"] == 0)  # eval tokens are drawn once, in iteration 0
     assert "stop" in rows[-1]["decision"]
     final = json.loads(store.read_text("final.json"))
     assert final["chosen_version"] in (0, 1, 2)
