@@ -188,12 +188,12 @@ def group_norm_silu(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = True
     return out
 
 
-def add_bias(h: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+def add_bias(h: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """`residual + (h + bias)` for (B, C, H, W) in NCHW or channels-last, `bias` (C,) over the channels:
     one pass where Triton runs. PyTorch adds a convolution's bias in a broadcasting kernel of its own,
     which in channels-last took as long as the convolutions (benchmarks/decode_judge.py --profile)."""
-    if not _triton_runs(h):
-        h = h + bias.view(1, -1, 1, 1)
+    if bias is None or not _triton_runs(h):  # (a convolution made with bias=False has nothing to add)
+        h = h if bias is None else h + bias.view(1, -1, 1, 1)
         return h if residual is None else residual + h
     batch, channels, height, width = h.shape
     block_c = triton.next_power_of_2(channels)

@@ -105,6 +105,25 @@ def test_group_norm_silu_on_the_cpu_is_pytorchs():
     assert torch.equal(group_norm_silu(x, norm), ref * torch.sigmoid(ref))
 
 
+def test_a_decoder_whose_convolutions_have_no_bias_decodes_as_hugging_faces():
+    """Janus's convolutions all carry a bias; a kin model's made with bias=False has none to fold."""
+    from transformers import JanusVQVAEConfig
+    from transformers.models.janus.modeling_janus import JanusVQVAEDecoder
+
+    from safecb.models.vq_decoder import decode_latents
+
+    torch.manual_seed(0)
+    config = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, base_channels=32, latent_channels=32,
+                              channel_multiplier=[1, 2], num_res_blocks=1, num_patches=4)
+    decoder = JanusVQVAEDecoder(config).eval()
+    for module in decoder.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.bias = None
+    latents = torch.randn(2, 32, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(decode_latents(decoder, latents), decoder(latents), atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_fused_decoder_on_the_gpu_is_as_close_to_fp32_as_hugging_faces_bf16_forward():
