@@ -86,14 +86,18 @@ def build_folder(folder: Path, tiny: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
+def engine_batch(kv_dtype: str, max_batch: int | None = None) -> int:
+    """The engine's batch (its KV cache): 256 sequences of a bf16 cache take 66 GB, 512 of fp8 as much."""
+    return max_batch or (256 if kv_dtype == "bf16" else 512)
+
+
 def write_config(work: Path, folder: Path, prompts: int, evals: int, tiny: bool = False, kv_dtype: str = "bf16",
                  max_batch: int | None = None) -> Path:
     import yaml
 
     from safecb.config import PromptsConfig
 
-    # The engine's batch (its KV cache): 256 sequences of a bf16 cache take 66 GB, 512 of fp8 as much.
-    batch = max_batch or (256 if kv_dtype == "bf16" else 512)
+    batch = engine_batch(kv_dtype, max_batch)
     splits = [("train", prompts, 0), ("eval_unsafe", evals // 2, 1), ("eval_benign", evals - evals // 2, 2)]
     if "val_unsafe" in PromptsConfig.model_fields:  # a validation split: small, it only has to exist here
         splits += [("val_unsafe", 8, 3), ("val_benign", 8, 4)]
@@ -309,7 +313,7 @@ def main(argv=None) -> int:
            for layout in ("channels_last", "contiguous") if f"judge_s_{layout}" in plain},
         "gpu_settings": {"prompts": prompts, "eval_images": images, "shapes": "Janus-Pro-1B, random weights",
                          "engine": f"{args.kv_dtype} KV cache, batch-invariant", "categories": len(CATEGORIES),
-                         "engine_batch": args.max_batch or (256 if args.kv_dtype == "bf16" else 512)},
+                         "engine_batch": engine_batch(args.kv_dtype, args.max_batch)},
     }
     if args.pool_only:  # no plain loop ran: leave its figures out rather than write NaN
         result = {k: v for k, v in result.items() if not (k.endswith("_plain") or k.endswith("_efficiency")

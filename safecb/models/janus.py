@@ -113,7 +113,7 @@ class JanusAdapter:
         # The VQ decoder's GroupNorm + SiLU as one Triton pass where no gradient must flow
         # (safecb/models/vq_decoder.py), its convolutions in channels-last layout (cuDNN's tensor-core
         # kernels take NHWC; in NCHW a third of their time went to layout changes). On an H100, Janus-Pro-1B
-        # shapes: 389 images/s fused in channels-last, 340 fused in NCHW, 255 for Hugging Face's forward
+        # shapes: 487 images/s fused in channels-last, 393 fused in NCHW, 255 for Hugging Face's forward
         # (which stays in NCHW: in channels-last PyTorch's GroupNorm makes it slower, 171).
         # benchmarks/decode_judge.py times them; cuDNN autotuning changed nothing (278.1 against 278.3).
         self.fused_decoder = True

@@ -91,8 +91,8 @@ def question_states(engine: JanusEngine, prefix: torch.Tensor, questions: torch.
     values = torch.empty_like(keys)
     gqa = kv_heads != heads
     rope_prefix = (engine.cos[:p], engine.sin[:p])  # (P, D)
-    rope_questions = (engine.cos[positions].contiguous(), engine.sin[positions].contiguous())
-    rope_fused = fused and triton is not None and dim % 2 == 0 and (dim & (dim - 1)) == 0  # arange: powers of 2
+    rope_questions = (engine.cos[positions], engine.sin[positions])  # (S, D), gathered: contiguous
+    rope_fused = fused and triton is not None and (dim & (dim - 1)) == 0  # tl.arange: powers of 2
     mask = visible.to(prefix.device)
 
     def norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

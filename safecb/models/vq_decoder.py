@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from safecb.models.engine import _INTERPRET
+
 try:
     import triton
     import triton.language as tl
@@ -144,7 +146,7 @@ if triton is not None:
 
 
 def _triton_runs(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or _interpreting()) and x.numel() > 0
+    return triton is not None and (x.is_cuda or _INTERPRET) and x.numel() > 0
 
 
 def _flat_pixel_strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -204,12 +206,6 @@ def add_bias(h: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor 
         h, bias, res, out, channels, height * width, *_flat_pixel_strides(h), *_flat_pixel_strides(res),
         *_flat_pixel_strides(out), BLOCK_C=block_c, BLOCK_P=block_p, HAS_RES=residual is not None, num_warps=8)
     return out
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _conv_without_bias(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
