@@ -311,7 +311,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-rows", default="512,1280", help="attention rows to sweep (2 x images)")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--sustained", default="", help="fp8 batches to run under sustained load (power, clock)")
-    ap.add_argument("--timeline", default="", help="fp8 batches to time whole generate calls for, e.g. 640,768,768:unshared (every row reads its own prompt)")
+    ap.add_argument("--timeline", default="", help="batches to time whole generate calls for, e.g. 640,768,768:unshared (every row reads its own prompt)")
+    ap.add_argument("--timeline-kv", default="fp8", choices=("bf16", "fp8"), help="the cache of the --timeline calls")
     ap.add_argument("--skip-invariance", action="store_true")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -344,17 +345,18 @@ def main(argv=None) -> int:
         save()
     if args.timeline:
         res["timeline"] = []
-        config = tuple(best["fp8"]) if best.get("fp8") else None
+        kv = args.timeline_kv
+        config = tuple(best[kv]) if best.get(kv) else None
         for item in args.timeline.split(","):
             batch, _, mode = item.partition(":")
             batch = int(batch)
             engine = JanusEngine(model, max_batch=batch, max_prompt_len=PROMPT_LEN, num_image_tokens=N_TOKENS,
-                                 kv_dtype="fp8", attn_config=config)
+                                 kv_dtype=kv, attn_config=config)
             engine.shared_prompt_reads = mode != "unshared"
-            r = {"kv": "fp8", "config": list(engine.attn_config), "shared_prompt_reads": engine.shared_prompt_reads,
+            r = {"kv": kv, "config": list(engine.attn_config), "shared_prompt_reads": engine.shared_prompt_reads,
                  **timeline(engine, batch, boi, vocab, device)}
             res["timeline"].append(r)
-            log(f"  timeline fp8 {engine.attn_config} {'shared' if engine.shared_prompt_reads else 'own'} prompt reads batch {batch}: {r['img_per_s']:.1f} img/s; first token "
+            log(f"  timeline {kv} {engine.attn_config} {'shared' if engine.shared_prompt_reads else 'own'} prompt reads batch {batch}: {r['img_per_s']:.1f} img/s; first token "
                 f"{r['prefill_s'] * 1e3:.0f} ms (prefill alone {r['prefill_only_s'] * 1e3:.0f}); step ms by quarter "
                 + " ".join(f"{x:.2f}" for x in r["step_ms_by_quarter"]))
             save()

@@ -15,7 +15,8 @@ How it is fast (decoding is bound by reading the KV cache, then by the step's ma
   * optional fp8 (e4m3) cache with one fp32 scale per (row, head, slot): half the bytes to read, by a
     CUDA C++ kernel (`fp8_decode_attention.cu`) that streams tiles through a cp.async ring;
   * the unconditional prompts (BOS, pads, BOI) differ only by length: the prefill runs each distinct one
-    once, and the fp8 kernel reads those prompt slots from that one row (L2), not from a copy per row;
+    once, and the attention kernels read those prompt slots from that one row (L2), not from a copy per
+    row (the same values, in the same order: the result does not change);
   * the whole decode step (embed -> 24 layers -> head -> CFG -> sampling -> token bookkeeping) captured
     once per (batch size, sampling params) in a CUDA graph and replayed N-1 times; step counters live
     on the device, so one graph serves every step and every prompt length.
@@ -189,15 +190,31 @@ if triton is not None:
         return lo, tl.minimum(lo + chunk, end)
 
     @triton.jit
-    def _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, qk_scale, D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, FP8: tl.constexpr, F32: tl.constexpr):
+    def _key_ptrs(base, offs, shift, pend, SHARED: tl.constexpr):
+        """Addresses of keys `offs` (elements past `base`); prompt keys (< pend) `shift` elements away, in
+        the row that holds the same values."""
+        ptrs = base + offs
+        if SHARED:
+            ptrs += tl.where(offs < pend, shift, 0)
+        return ptrs
+
+    @triton.jit
+    def _tile_ptrs(base, offs, shift, pend, D: tl.constexpr, SHARED: tl.constexpr):
+        """Addresses of a (keys `offs`, D) tile of K or V, as `_key_ptrs` places each key."""
+        return _key_ptrs(base, offs * D, shift, pend * D, SHARED)[:, None] + tl.arange(0, D)[None, :]
+
+    @triton.jit
+    def _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, qk_scale, shift, shift_s, pend, D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, FP8: tl.constexpr, F32: tl.constexpr, SHARED: tl.constexpr):
         """One BLOCK_N-key tile of online softmax on the tensor cores (q replicated to 16 rows, as tl.dot
-        needs M >= 16; the rows are identical). Returns the updated (max, sum, weighted V sum)."""
+        needs M >= 16; the rows are identical). Returns the updated (max, sum, weighted V sum).
+        Prompt keys (< pend) are read `shift` elements away (`shift_s` for scales): the same values, in
+        the row every unconditional row of that prompt length shares, so the tile order is unchanged."""
         d = tl.arange(0, D)
         offs = n0 + tl.arange(0, BLOCK_N)
         valid = offs < hi
-        k = tl.load(kb + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(vb + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(_tile_ptrs(kb, offs, shift, pend, D, SHARED), mask=valid[:, None], other=0.0)
+        v = tl.load(_tile_ptrs(vb, offs, shift, pend, D, SHARED), mask=valid[:, None], other=0.0)
         if FP8:  # e4m3 -> fp16 is one packed convert; q arrives as fp16
             k = k.to(tl.float16)
             v = v.to(tl.float16)
@@ -208,14 +225,14 @@ if triton is not None:
             qk = tl.dot(q, tl.trans(k))
         qk = qk * qk_scale
         if FP8:
-            qk = qk * tl.load(KS + sb + offs, mask=valid, other=0.0)[None, :]
+            qk = qk * tl.load(_key_ptrs(KS + sb, offs, shift_s, pend, SHARED), mask=valid, other=0.0)[None, :]
         qk = tl.where(valid[None, :], qk, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if FP8:  # fold the per-key V scales into p, normalised by the tile's largest so fp16 keeps them
-            vsc = tl.load(VS + sb + offs, mask=valid, other=0.0)
+            vsc = tl.load(_key_ptrs(VS + sb, offs, shift_s, pend, SHARED), mask=valid, other=0.0)
             top = tl.max(vsc, 0)
             pv = tl.dot((p * (vsc / top)[None, :]).to(tl.float16), v) * top
         elif F32:
@@ -226,11 +243,11 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def _decode_attn_kernel(Q, KC, VC, KS, VS, START, SLOT, O, OP, LSE,
+    def _decode_attn_kernel(Q, KC, VC, KS, VS, START, SLOT, PROMPT_ROW, PROMPT_END, O, OP, LSE,
                             stride_cr, stride_ch, stride_sr, stride_sh, sm_scale,
                             HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                             BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, FP8: tl.constexpr,
-                            F32: tl.constexpr, INTERPRET: tl.constexpr):
+                            SHARED: tl.constexpr, F32: tl.constexpr, INTERPRET: tl.constexpr):
         """One query per (row, head) over cache slots [START[row], *SLOT]; split `split` of SPLITS.
         The K/V tile loads feed tl.dot, so Triton software-pipelines them (num_stages deep)."""
         row = tl.program_id(0)
@@ -248,19 +265,24 @@ if triton is not None:
         kb = KC + row * stride_cr + kvh * stride_ch
         vb = VC + row * stride_cr + kvh * stride_ch
         sb = row * stride_sr + kvh * stride_sh
+        if SHARED:  # how far this row's prompt slots are from the row that holds the same values
+            other = (tl.load(PROMPT_ROW + row) - row).to(tl.int64)
+            shift, shift_s, pend = other * stride_cr, other * stride_sr, tl.load(PROMPT_END)
+        else:
+            shift, shift_s, pend = 0, 0, 0
         m_i = tl.full([16], -float("inf"), tl.float32)
         l_i = tl.zeros([16], dtype=tl.float32)
         acc = tl.zeros([16, D], dtype=tl.float32)
         if INTERPRET:  # Triton's interpreter cannot take loop bounds from loaded values; a while loop it can
             n0 = lo
             while n0 < hi:
-                m_i, l_i, acc = _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, qk_scale, D, BLOCK_N,
-                                           FP8, F32)
+                m_i, l_i, acc = _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, qk_scale, shift, shift_s,
+                                           pend, D, BLOCK_N, FP8, F32, SHARED)
                 n0 += BLOCK_N
         else:
             for n0 in range(lo, hi, BLOCK_N):
-                m_i, l_i, acc = _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, qk_scale, D, BLOCK_N,
-                                           FP8, F32)
+                m_i, l_i, acc = _attn_tile(n0, hi, q, kb, vb, KS, VS, sb, m_i, l_i, acc, qk_scale, shift, shift_s,
+                                           pend, D, BLOCK_N, FP8, F32, SHARED)
         first = r[:, None] == 0
         if SPLITS == 1:
             out = acc / l_i[:, None]
@@ -273,16 +295,18 @@ if triton is not None:
             tl.store(LSE + base + r * 0, lse, mask=r == 0)
 
     @triton.jit
-    def _load_tile_sum(kb, vb, KS, VS, sb, n0, hi, D: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr):
-        """K and V tiles (BLOCK_N, D) of slots [n0, n0 + BLOCK_N) below hi, and their fp8 scales (else 1)."""
+    def _load_tile_sum(kb, vb, KS, VS, sb, n0, hi, shift, shift_s, pend, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       FP8: tl.constexpr, SHARED: tl.constexpr):
+        """K and V tiles (BLOCK_N, D) of slots [n0, n0 + BLOCK_N) below hi, and their fp8 scales (else 1);
+        prompt keys from the shared row, as in `_attn_tile`."""
         d = tl.arange(0, D)
         offs = n0 + tl.arange(0, BLOCK_N)
         valid = offs < hi
-        k = tl.load(kb + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(vb + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(_tile_ptrs(kb, offs, shift, pend, D, SHARED), mask=valid[:, None], other=0.0)
+        v = tl.load(_tile_ptrs(vb, offs, shift, pend, D, SHARED), mask=valid[:, None], other=0.0)
         if FP8:
-            ksc = tl.load(KS + sb + offs, mask=valid, other=0.0)
-            vsc = tl.load(VS + sb + offs, mask=valid, other=0.0)
+            ksc = tl.load(_key_ptrs(KS + sb, offs, shift_s, pend, SHARED), mask=valid, other=0.0)
+            vsc = tl.load(_key_ptrs(VS + sb, offs, shift_s, pend, SHARED), mask=valid, other=0.0)
         else:
             ksc = tl.full([BLOCK_N], 1.0, tl.float32)
             vsc = ksc
@@ -308,11 +332,11 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def _decode_attn_sum_kernel(Q, KC, VC, KS, VS, START, SLOT, O, OP, LSE,
+    def _decode_attn_sum_kernel(Q, KC, VC, KS, VS, START, SLOT, PROMPT_ROW, PROMPT_END, O, OP, LSE,
                                 stride_cr, stride_ch, stride_sr, stride_sh, sm_scale,
                                 HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                                 BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, FP8: tl.constexpr,
-                                WIDE: tl.constexpr, INTERPRET: tl.constexpr):
+                                SHARED: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr):
         """`_decode_attn_kernel` with CUDA-core tiles. WIDE ('sum2p') also issues the next tile's loads
         before the current tile's arithmetic (Triton does not pipeline loads that feed no tl.dot), so a
         program always has a tile in flight."""
@@ -326,28 +350,36 @@ if triton is not None:
         kb = KC + row * stride_cr + kvh * stride_ch
         vb = VC + row * stride_cr + kvh * stride_ch
         sb = row * stride_sr + kvh * stride_sh
+        if SHARED:  # how far this row's prompt slots are from the row that holds the same values
+            other = (tl.load(PROMPT_ROW + row) - row).to(tl.int64)
+            shift, shift_s, pend = other * stride_cr, other * stride_sr, tl.load(PROMPT_END)
+        else:
+            shift, shift_s, pend = 0, 0, 0
         m_i = -float("inf")
         l_i = 0.0
         if WIDE:
             acc = tl.zeros([BLOCK_N, D], dtype=tl.float32)
         else:
             acc = tl.zeros([D], dtype=tl.float32)
-        k, v, ksc, vsc = _load_tile_sum(kb, vb, KS, VS, sb, lo, hi, D, BLOCK_N, FP8)
+        k, v, ksc, vsc = _load_tile_sum(kb, vb, KS, VS, sb, lo, hi, shift, shift_s, pend, D, BLOCK_N, FP8, SHARED)
         if INTERPRET:  # Triton's interpreter cannot take loop bounds from loaded values; a while loop it can
             n0 = lo
             while n0 < hi:
-                nk, nv, nks, nvs = _load_tile_sum(kb, vb, KS, VS, sb, n0 + BLOCK_N, hi, D, BLOCK_N, FP8)
+                nk, nv, nks, nvs = _load_tile_sum(kb, vb, KS, VS, sb, n0 + BLOCK_N, hi, shift, shift_s, pend, D,
+                                                  BLOCK_N, FP8, SHARED)
                 m_i, l_i, acc = _attn_tile_sum(k, v, ksc, vsc, n0, hi, q, m_i, l_i, acc, BLOCK_N, WIDE)
                 k, v, ksc, vsc = nk, nv, nks, nvs
                 n0 += BLOCK_N
         elif WIDE:
             for n0 in range(lo, hi, BLOCK_N):
-                nk, nv, nks, nvs = _load_tile_sum(kb, vb, KS, VS, sb, n0 + BLOCK_N, hi, D, BLOCK_N, FP8)
+                nk, nv, nks, nvs = _load_tile_sum(kb, vb, KS, VS, sb, n0 + BLOCK_N, hi, shift, shift_s, pend, D,
+                                                  BLOCK_N, FP8, SHARED)
                 m_i, l_i, acc = _attn_tile_sum(k, v, ksc, vsc, n0, hi, q, m_i, l_i, acc, BLOCK_N, WIDE)
                 k, v, ksc, vsc = nk, nv, nks, nvs
         else:
             for n0 in range(lo, hi, BLOCK_N):
-                k, v, ksc, vsc = _load_tile_sum(kb, vb, KS, VS, sb, n0, hi, D, BLOCK_N, FP8)
+                k, v, ksc, vsc = _load_tile_sum(kb, vb, KS, VS, sb, n0, hi, shift, shift_s, pend, D, BLOCK_N, FP8,
+                                                SHARED)
                 m_i, l_i, acc = _attn_tile_sum(k, v, ksc, vsc, n0, hi, q, m_i, l_i, acc, BLOCK_N, WIDE)
         if WIDE:
             acc = tl.sum(acc, 0)
@@ -431,7 +463,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     per block, num_stages 1 = loads into registers, > 1 = a cp.async ring of that many tiles.
 
     prompt_row (R,) int32 and prompt_end () int32: row r's slots [0, prompt_end) hold the same values as
-    row prompt_row[r]'s; the 'cuda' kernel reads them there (fewer distinct bytes), the others ignore it."""
+    row prompt_row[r]'s, and every variant reads them there: hundreds of unconditional rows then read one
+    row's prompt (from L2) instead of their own copies (from HBM). The values, and so the result, are the
+    same either way."""
     rows, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     fp8 = k_scale is not None
@@ -445,10 +479,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         partial, lse = out, out
     ks = k_scale if fp8 else k_cache
     vs = v_scale if fp8 else v_cache
-    args = (q, k_cache, v_cache, ks, vs, start, slot, out, partial, lse, k_cache.stride(0), k_cache.stride(1),
+    shared = prompt_row is not None
+    args = (q, k_cache, v_cache, ks, vs, start, slot, prompt_row if shared else start,
+            prompt_end if shared else slot, out, partial, lse, k_cache.stride(0), k_cache.stride(1),
             ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0, sm_scale)
     shape = dict(HEADS=heads, GROUP=heads // kv_heads, D=dim, BLOCK_N=block_n, SPLITS=splits, FP8=fp8,
-                 INTERPRET=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
+                 SHARED=shared, INTERPRET=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
     if variant == "cuda":
         from safecb.models.cuda_kernels import CUDA_TILES, fp8_decode_attention_module
 
@@ -598,8 +634,8 @@ class JanusEngine:
         self._slot = torch.zeros((), device=dev, dtype=torch.int32)  # cache slot the step writes
         self._pos = torch.zeros(rows, device=dev, dtype=torch.long)  # RoPE position of the step's token
         self._start = torch.zeros(rows, device=dev, dtype=torch.int32)  # first valid slot per row
-        # Row whose cache holds the same prompt slots (prefill computed it once): the CUDA kernel reads the
-        # prompt there, so the unconditional rows' prompt comes from a few rows (L2) rather than HBM.
+        # Row whose cache holds the same prompt slots (prefill computed it once): the attention kernels read
+        # the prompt there, so the unconditional rows' prompt comes from a few rows (L2) rather than HBM.
         self._prompt_row = torch.arange(rows, device=dev, dtype=torch.int32)
         self._prompt_end = torch.zeros((), device=dev, dtype=torch.int32)  # prompt slots: [0, prompt_end)
         self.shared_prompt_reads = True  # False: every row reads its own copy (benchmarks compare the two)

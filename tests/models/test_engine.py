@@ -329,13 +329,34 @@ KERNELS_CHECK = textwrap.dedent("""
         err = ((out - ref).norm() / ref.norm()).item()
         tol = 5e-3 if fp8 and variant == "dot" else 1e-5  # fp16 tiles
         assert err < tol, (variant, fp8, splits, err)
+        # Rows 2 and 3 read their prompt slots [0, 12) from rows 0 and 1 (12: a tile straddles the end):
+        # with the true copies in rows 0 and 1 and garbage in their own, the result is the same, bit for bit.
+        prompt_row = torch.tensor([0, 1, 0, 1], dtype=torch.int32); prompt_end = torch.tensor(12, dtype=torch.int32)
+        start4 = torch.tensor([0, 5, 0, 5], dtype=torch.int32)
+        q4 = torch.randn(4, H, D)
+        copies = [x[torch.tensor([0, 1, 2, 0])] for x in (kq, vq) + ((ks, vs) if fp8 else ())]
+        for x in copies:
+            x[2:, :, :12] = x[:2, :, :12]
+        garbage = [x.clone() for x in copies]
+        for x in garbage:
+            x[2:, :, :12].fill_(3.0)
+        own = decode_attention(q4, *copies[:2], *(copies[2:] or (None, None)), start4, slot, D ** -0.5,
+                               splits=splits, block_n=16, variant=variant)
+        shared = decode_attention(q4, *garbage[:2], *(garbage[2:] or (None, None)), start4, slot, D ** -0.5,
+                                  splits=splits, block_n=16, variant=variant, prompt_row=prompt_row,
+                                  prompt_end=prompt_end)
+        assert torch.equal(own, shared), (variant, fp8, splits, (own - shared).abs().max().item())
+        unshared = decode_attention(q4, *garbage[:2], *(garbage[2:] or (None, None)), start4, slot, D ** -0.5,
+                                    splits=splits, block_n=16, variant=variant)
+        assert not torch.equal(own, unshared)  # the garbage is read when nothing says the prompt is shared
     print("ok")
 """)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernels_in_interpreter(interpreted):
-    """The Triton decode-attention kernel (splits, fp8, GQA) against a float reference, interpreted on CPU."""
+    """The Triton decode-attention kernel (splits, fp8, GQA, prompt slots read from a shared row) against a
+    float reference, interpreted on CPU."""
     ok, output = interpreted["kernels"]
     assert ok and "ok" in output, output
 
@@ -510,3 +531,37 @@ def test_gpu_cuda_fp8_attention_kernel_matches_a_float_reference():
                                    prompt_end=prompt_end).float()
             err = ((out - ref_shared).norm() / ref_shared.norm()).item()
             assert err < 5e-3, ("shared prompt", keys, stages, splits, warps, err)
+
+
+@gpu
+@needs_cuda
+def test_gpu_triton_attention_reads_shared_prompt_slots_with_the_same_result():
+    """The Triton kernels compiled (not interpreted) with prompt slots read from a shared row: bf16 on the
+    engine's default tile and fp8 on the fallback's, one and four splits, bit for bit the result of every
+    row reading its own copy; garbage in the copies shows the shared row is what is read."""
+    from safecb.models.engine import DEFAULT_ATTN_CONFIG, decode_attention
+
+    torch.manual_seed(0)
+    rows, heads, length, dim, end = 6, 4, 300, 128, 60
+    q = torch.randn(rows, heads, dim, device="cuda", dtype=torch.bfloat16)
+    start = torch.tensor([0, 3, 0, 3, 100, 250], device="cuda", dtype=torch.int32)
+    slot = torch.tensor(270, device="cuda", dtype=torch.int32)
+    prompt_row = torch.tensor([0, 1, 0, 1, 4, 5], device="cuda", dtype=torch.int32)
+    prompt_end = torch.tensor(end, device="cuda", dtype=torch.int32)
+    k, v = torch.randn(2, rows, heads, length, dim, device="cuda")
+    for kv, config in (("bf16", DEFAULT_ATTN_CONFIG["bf16"]), ("fp8", FALLBACK_ATTN_CONFIG)):
+        caches = [k.bfloat16(), v.bfloat16()] if kv == "bf16" else [*quantize_fp8(k), *quantize_fp8(v)]
+        caches = [caches[i] for i in (0, 2, 1, 3)] if kv == "fp8" else caches + [None, None]  # K, V, K scale, V scale
+        for x in caches[:2 if kv == "bf16" else 4]:
+            x[2:4, :, :end] = x[:2, :, :end]
+        garbage = [x if x is None else x.clone() for x in caches]
+        for x in garbage[:2 if kv == "bf16" else 4]:
+            x[2:4, :, :end].fill_(3.0)
+        block_n, warps, stages, variant = config
+        for splits in (1, 4):
+            kw = dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages, variant=variant)
+            own = decode_attention(q, *caches, start, slot, dim ** -0.5, **kw)
+            shared = decode_attention(q, *garbage, start, slot, dim ** -0.5, prompt_row=prompt_row,
+                                      prompt_end=prompt_end, **kw)
+            assert torch.equal(own, shared), (kv, splits, (own.float() - shared.float()).abs().max().item())
+            assert not torch.equal(own, decode_attention(q, *garbage, start, slot, dim ** -0.5, **kw))
