@@ -3,8 +3,9 @@
 The loop decodes and self-judges every image it generates (and every counterpart), so their rate
 bounds collection beside generation. This times, on the same images:
   * the VQ decoder: the fused GroupNorm + SiLU forward (safecb/models/vq_decoder.py) in channels-last
-    and contiguous layout, against Hugging Face's forward; and how far each bf16 forward draws from the
-    fp32 decode of the same tokens (mean and largest pixel difference). cuDNN autotuning
+    and contiguous layout (and, as an A/B, channels-last with the upsampling convolutions as 2x2 kernels
+    over the input: `decoder_subpixel_upsample`), against Hugging Face's forward; and how far each bf16
+    forward draws from the fp32 decode of the same tokens (mean and largest pixel difference). cuDNN autotuning
     (`torch.backends.cudnn.benchmark`) was timed here before and changed nothing (278.1 against 278.3
     images/s on an H200);
   * the self-judge (vision encoder + language model over the image and the category questions) at
@@ -86,14 +87,21 @@ def main(argv=None) -> int:
 
     with torch.no_grad():
         decode, outputs = {}, {}
-        for name, fused, nhwc in (("fused, channels-last", True, True), ("fused, contiguous", True, False),
-                                  ("hugging face, contiguous", False, False)):
+        variants = (("fused, channels-last", True, True, False), ("fused, contiguous", True, False, False),
+                    ("hugging face, contiguous", False, False, False))
+        if hasattr(model, "decoder_subpixel_upsample"):  # the A/B of the upsampling as 2x2 kernels (off by default)
+            variants += (("fused, channels-last, sub-pixel", True, True, True),)
+        for name, fused, nhwc, subpixel in variants:
             model.fused_decoder, model.decoder_channels_last = fused, nhwc
+            if hasattr(model, "decoder_subpixel_upsample"):
+                model.decoder_subpixel_upsample = subpixel
             outputs[name] = decode_all()[0].float()  # warm-up: layout conversion, kernel compilation
             _, seconds = timed(decode_all, device)
             decode[name] = round(images / seconds, 1)
             rows.append(("VQ decode, " + name, images / seconds))
         model.fused_decoder, model.decoder_channels_last = True, True
+        if hasattr(model, "decoder_subpixel_upsample"):
+            model.decoder_subpixel_upsample = False
         result["decode_img_per_s"] = decode
         # Each bf16 forward against the fp32 decode (Hugging Face's forward, the same weights in fp32).
         vq, dtype = model.model.model.vqmodel, model.dtype

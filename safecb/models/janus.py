@@ -118,6 +118,10 @@ class JanusAdapter:
         # benchmarks/decode_judge.py times them; cuDNN autotuning changed nothing (278.1 against 278.3).
         self.fused_decoder = True
         self.decoder_channels_last = True
+        # The fused decoder's upsampling convolutions as 2×2 kernels over the input (vq_decoder's
+        # subpixel_upsample: 16 products a weight instead of 36, no upsampled tensor). Checked on the CPU
+        # only so far; off until benchmarks/decode_judge.py has timed it on a GPU.
+        self.decoder_subpixel_upsample = False
         self._decoder_layout = torch.contiguous_format
         # The judge's language-model pass on the engine's fused weights where the engine runs: 213 against
         # 167 images/s on an H200 (Janus-Pro-1B shapes, 7 categories, batch 128; benchmarks/decode_judge.py).
@@ -284,7 +288,7 @@ class JanusAdapter:
             self._decoder_layout = layout
         latents = vq.post_quant_conv(grid.contiguous(memory_format=layout))
         # (B, 3, H, W) in about [-1, 1]
-        pixels = decode_latents(vq.decoder, latents) if fused else vq.decoder(latents)
+        pixels = decode_latents(vq.decoder, latents, self.decoder_subpixel_upsample) if fused else vq.decoder(latents)
         return ((pixels.float() + 1) / 2).clamp(0, 1)
 
     # ---- self-judge ----------------------------------------------------------------------------

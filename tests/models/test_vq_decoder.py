@@ -23,7 +23,7 @@ INTERPRETED = textwrap.dedent("""
     import torch.nn.functional as F
     from transformers import JanusVQVAEConfig
     from transformers.models.janus.modeling_janus import JanusVQVAEDecoder
-    from safecb.models.vq_decoder import add_bias, decode_latents, group_norm_silu
+    from safecb.models.vq_decoder import add_bias, decode_latents, group_norm_silu, subpixel_upsample
 
     out = {}
     torch.manual_seed(0)
@@ -58,6 +58,16 @@ INTERPRETED = textwrap.dedent("""
                                "layout_kept": biased.is_contiguous(memory_format=layout), "alone_equals_batched": True}
         out[f"bias+residual/{name}"] = {"err": (add_bias(xl, shift, rl) - (residual + x + shift.view(1, -1, 1, 1))).abs().max().item(),
                                         "layout_kept": True, "alone_equals_batched": True}
+    # Nearest x2 + 3x3 convolution as a 2x2 convolution over the input and a pass that places the phases:
+    # channels not a power of two, a non-square input, both layouts.
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1)
+    x = torch.randn(2, 6, 3, 5)
+    with torch.no_grad():
+        ref = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        for layout in (torch.contiguous_format, torch.channels_last):
+            got = subpixel_upsample(conv, x.contiguous(memory_format=layout))
+            out[f"upsample/{'nhwc' if layout is torch.channels_last else 'nchw'}"] = {
+                "err": (got - ref).abs().max().item(), "layout_kept": got.is_contiguous(memory_format=layout)}
     config = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, base_channels=32, latent_channels=32,
                               channel_multiplier=[1, 2], num_res_blocks=1, num_patches=4)
     decoder = JanusVQVAEDecoder(config).eval()
@@ -65,8 +75,9 @@ INTERPRETED = textwrap.dedent("""
     with torch.no_grad():
         ref = decoder(latents)
         got = decode_latents(decoder, latents)
+        subpixel = decode_latents(decoder, latents, subpixel=True)
     out["decoder"] = {"err": (got - ref).abs().max().item(), "scale": ref.abs().max().item(),
-                      "shape": list(got.shape) == list(ref.shape)}
+                      "subpixel_err": (subpixel - ref).abs().max().item(), "shape": list(got.shape) == list(ref.shape)}
     print("RESULT" + json.dumps(out))
 """)
 
@@ -81,7 +92,7 @@ def interpreted() -> dict:
 
 @needs_triton
 def test_fused_group_norm_silu_in_interpreter_follows_pytorch(interpreted):
-    cases = {k: v for k, v in interpreted.items() if k != "decoder"}
+    cases = {k: v for k, v in interpreted.items() if k != "decoder" and not k.startswith("upsample/")}
     assert len(cases) == 8 + 6
     for key, case in cases.items():
         assert case["err"] < 1e-4, (key, case)
@@ -90,10 +101,37 @@ def test_fused_group_norm_silu_in_interpreter_follows_pytorch(interpreted):
 
 
 @needs_triton
+def test_subpixel_upsample_in_interpreter_is_upsample_then_convolution(interpreted):
+    """The phase-placing kernel: channels not a power of two, a non-square input, both layouts."""
+    cases = {k: v for k, v in interpreted.items() if k.startswith("upsample/")}
+    assert sorted(cases) == ["upsample/nchw", "upsample/nhwc"]
+    for key, case in cases.items():
+        assert case["err"] < 1e-5, (key, case)
+        assert case["layout_kept"], key
+
+
+@needs_triton
 def test_fused_decoder_in_interpreter_follows_hugging_faces_forward(interpreted):
     case = interpreted["decoder"]
     assert case["shape"]
     assert case["err"] < 1e-4 * max(1.0, case["scale"]), case
+    assert case["subpixel_err"] < 1e-4 * max(1.0, case["scale"]), case  # with the upsampling as 2x2 kernels
+
+
+def test_subpixel_upsample_on_the_cpu_is_upsample_then_convolution():
+    """The phase algebra alone (PyTorch's ops, float64): 2x2 kernels over the input equal nearest x2 then
+    the 3x3 kernel, borders included."""
+    import torch.nn.functional as F
+
+    from safecb.models.vq_decoder import subpixel_upsample, subpixel_weight
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ref = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        assert torch.allclose(subpixel_upsample(conv, x), ref, atol=1e-6)  # the weights pass through fp32
+    assert subpixel_weight(conv.weight).shape == (16, 3, 2, 2)
 
 
 def test_group_norm_silu_on_the_cpu_is_pytorchs():
@@ -122,6 +160,7 @@ def test_a_decoder_whose_convolutions_have_no_bias_decodes_as_hugging_faces():
     latents = torch.randn(2, 32, 4, 4)
     with torch.no_grad():
         assert torch.allclose(decode_latents(decoder, latents), decoder(latents), atol=1e-5)
+        assert torch.allclose(decode_latents(decoder, latents, subpixel=True), decoder(latents), atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -148,7 +187,9 @@ def test_fused_decoder_on_the_gpu_is_as_close_to_fp32_as_hugging_faces_bf16_forw
         fused = decode_latents(decoder, latents.bfloat16()).float()
         decoder.to(memory_format=torch.channels_last)
         nhwc = decode_latents(decoder, latents.bfloat16().contiguous(memory_format=torch.channels_last))
+        subpixel = decode_latents(decoder, latents.bfloat16().contiguous(memory_format=torch.channels_last), True)
     assert nhwc.is_contiguous(memory_format=torch.channels_last)
+    assert subpixel.is_contiguous(memory_format=torch.channels_last)
     bf16_error = (plain - exact).abs().mean()
-    for got in (fused, nhwc.float()):
+    for got in (fused, nhwc.float(), subpixel.float()):
         assert (got - exact).abs().mean() < 1.5 * bf16_error, ((got - exact).abs().mean(), bf16_error)
