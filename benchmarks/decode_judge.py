@@ -88,20 +88,15 @@ def main(argv=None) -> int:
     with torch.no_grad():
         decode, outputs = {}, {}
         variants = (("fused, channels-last", True, True, False), ("fused, contiguous", True, False, False),
-                    ("hugging face, contiguous", False, False, False))
-        if hasattr(model, "decoder_subpixel_upsample"):  # the A/B of the upsampling as 2x2 kernels (off by default)
-            variants += (("fused, channels-last, sub-pixel", True, True, True),)
+                    ("hugging face, contiguous", False, False, False),
+                    ("fused, channels-last, sub-pixel", True, True, True))  # the A/B of the 2x2 upsampling (off by default)
         for name, fused, nhwc, subpixel in variants:
-            model.fused_decoder, model.decoder_channels_last = fused, nhwc
-            if hasattr(model, "decoder_subpixel_upsample"):
-                model.decoder_subpixel_upsample = subpixel
+            model.fused_decoder, model.decoder_channels_last, model.decoder_subpixel_upsample = fused, nhwc, subpixel
             outputs[name] = decode_all()[0].float()  # warm-up: layout conversion, kernel compilation
             _, seconds = timed(decode_all, device)
             decode[name] = round(images / seconds, 1)
             rows.append(("VQ decode, " + name, images / seconds))
-        model.fused_decoder, model.decoder_channels_last = True, True
-        if hasattr(model, "decoder_subpixel_upsample"):
-            model.decoder_subpixel_upsample = False
+        model.fused_decoder, model.decoder_channels_last, model.decoder_subpixel_upsample = True, True, False
         result["decode_img_per_s"] = decode
         # Each bf16 forward against the fp32 decode (Hugging Face's forward, the same weights in fp32).
         vq, dtype = model.model.model.vqmodel, model.dtype
