@@ -33,6 +33,7 @@ import atexit
 import os
 import pickle
 import socket
+import sys
 from typing import Any, Callable
 
 import torch
@@ -200,9 +201,15 @@ def _spawned(rank: int, fn: Callable, world_size: int, port: int, queue: Any, ar
     finally:
         import torch.distributed as dist
 
-        if dist.is_initialized():  # destroying the group avoids the intermittent SIGABRT at exit
+        if dist.is_initialized():  # destroying the group avoids most of the intermittent SIGABRTs at exit
             _destroy_group()
         _CREATED_GROUP = False
+    # The result is delivered (SimpleQueue.put writes the pipe before returning) and the group is gone: end
+    # here, skipping the interpreter's teardown, where a library thread still joinable at exit could abort
+    # the process ("terminate called without an active exception", seen once in a full CI run under load).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch_data_parallel(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
